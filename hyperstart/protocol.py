@@ -1,0 +1,112 @@
+"""The hyperstart wire protocol, shared by the host client and the guest agent.
+
+Control channel (virtio-serial port ``sh.hyper.channel.0``): frames of
+``code u32 | length u32 | JSON payload``, big-endian, length counting the 8-byte header.
+Stream channel (``sh.hyper.channel.1``): frames of ``seq u64 | length u32 | data``,
+length counting the 12-byte header; an empty frame is end-of-file for that sequence.
+
+Codes follow hyperstart's api.h. Every command gets exactly one ACK or ERROR, in order;
+PROCESSASYNCEVENT is the only frame the guest sends unasked (besides READY).
+"""
+import json
+import struct
+
+VERSION = 4242
+
+GETVERSION = 0
+STARTPOD = 1
+DESTROYPOD = 4
+EXECCMD = 6
+READY = 8
+ACK = 9
+ERROR = 10
+WINSIZE = 11
+PING = 12
+NEXT = 14
+WRITEFILE = 15
+READFILE = 16
+NEWCONTAINER = 17
+KILLCONTAINER = 18
+ONLINECPUMEM = 19
+SETUPINTERFACE = 20
+SETUPROUTE = 21
+REMOVECONTAINER = 22
+PROCESSASYNCEVENT = 23
+SIGNALPROCESS = 24
+DELETEINTERFACE = 25
+# runv-py extensions, numbered past hyperstart's range.
+PROCESSLIST = 64
+RESEED = 65
+STARTCONTAINER = 66
+
+CODE_NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int) and k != "VERSION"}
+
+CONTROL_PORT = "sh.hyper.channel.0"
+STREAM_PORT = "sh.hyper.channel.1"
+
+CONTROL_HEADER = struct.Struct(">II")
+STREAM_HEADER = struct.Struct(">QI")
+# A frame larger than this is a corrupt stream, not a message to buffer.
+MAX_FRAME = 16 * 1024 * 1024
+# Stream payloads are cut to this size so one process cannot hog the channel.
+STREAM_CHUNK = 64 * 1024
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not a valid frame."""
+
+
+def encode_control(code: int, message=None) -> bytes:
+    """One control frame; ``message`` is JSON-encoded (None gives an empty payload)."""
+    payload = b"" if message is None else json.dumps(message, separators=(",", ":")).encode()
+    return CONTROL_HEADER.pack(code, CONTROL_HEADER.size + len(payload)) + payload
+
+
+def encode_stream(seq: int, data: bytes = b"") -> bytes:
+    """One stream frame; empty ``data`` marks end-of-file for ``seq``."""
+    return STREAM_HEADER.pack(seq, STREAM_HEADER.size + len(data)) + data
+
+
+def decode_message(payload: bytes):
+    """The JSON message of a control frame (None for an empty payload)."""
+    if not payload:
+        return None
+    try:
+        return json.loads(payload)
+    except ValueError as e:
+        raise ProtocolError(f"bad JSON in control frame: {e}") from None
+
+
+class FrameReader:
+    """Accumulates bytes and yields complete ``(key, payload)`` frames.
+
+    ``key`` is the code on the control channel and the sequence number on the stream
+    channel; which header applies is chosen by ``header``.
+    """
+
+    def __init__(self, header: struct.Struct):
+        self.header = header
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list:
+        self.buffer += data
+        frames = []
+        size = self.header.size
+        while len(self.buffer) >= size:
+            key, length = self.header.unpack_from(self.buffer)
+            if length < size or length > MAX_FRAME:
+                raise ProtocolError(f"frame length {length} out of range")
+            if len(self.buffer) < length:
+                break
+            frames.append((key, bytes(self.buffer[size:length])))
+            del self.buffer[:length]
+        return frames
+
+
+def exit_status(wait_status: int) -> int:
+    """A shell-style exit code from a waitpid status: the code, or 128+N for signal N."""
+    if wait_status & 0x7F == 0:
+        return (wait_status >> 8) & 0xFF
+    if wait_status & 0xFF == 0x7F:  # stopped, not exited; callers only pass exits
+        return 128 + ((wait_status >> 8) & 0xFF)
+    return 128 + (wait_status & 0x7F)
