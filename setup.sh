@@ -1,0 +1,52 @@
+#!/bin/bash
+# Set up runv-py on a fresh Debian 12 machine (as root), then run the demo or the tests.
+#
+#   bash setup.sh --demo          install everything, run a container in a VM
+#   bash setup.sh --test [ARGS]   install everything, run the test suite (pytest ARGS)
+#   bash setup.sh                 install everything only
+#
+# Installs the Debian packages, the Python package (editable, with its test extra),
+# builds the guest kernel (cached in /var/cache/runv-py, about 10 minutes the first time)
+# and the initrd, and installs both in /var/lib/runv-py.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PACKAGES="qemu-system-x86 busybox-static cpio linux-source-6.1 bc bison flex libelf-dev
+libssl-dev build-essential python3.11-minimal libpython3.11-minimal libpython3.11-stdlib
+runc containerd"
+PYTHON="${PYTHON:-python3}"
+
+missing=""
+for pkg in $PACKAGES; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+    echo "==> installing Debian packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends $missing
+fi
+
+echo "==> installing the runv-py Python package"
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
+
+bash kernel/build.sh
+"$PYTHON" -m runv_py.hyperstart.initrd
+
+case "${1:-}" in
+--demo)
+    bundle="$(mktemp -d /tmp/runv-demo.XXXXXX)"
+    runv-py make-bundle "$bundle" -- sh -c \
+        'echo "hello from a container in a VM"; echo "guest kernel: $(uname -r), host name: $(hostname)"; cat /proc/cpuinfo | grep -m1 "model name"' >/dev/null
+    echo "==> runv-py run -b $bundle demo"
+    status=0
+    runv-py run -b "$bundle" "demo-$$" || status=$?
+    rm -rf "$bundle"
+    exit $status
+    ;;
+--test)
+    shift
+    echo "==> running the tests"
+    exec "$PYTHON" -m pytest -v -p no:cacheprovider "$@" tests
+    ;;
+esac

@@ -1,0 +1,154 @@
+"""`runv-py run`: a container in a real VM (QEMU, guest kernel, hyperstart agent)."""
+import hashlib
+import os
+import platform
+import signal
+
+import pytest
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]
+
+
+def out(result) -> str:
+    return result.stdout.decode()
+
+
+def test_runs_in_guest_kernel_with_hostname_and_pid1(runv, bundle):
+    b = bundle(["sh", "-c", "uname -r; hostname; echo $$; cat /proc/1/cmdline | tr '\\0' ' '"],
+               hostname="vmbox")
+    r = runv("run", "-b", b, runv.id(), check=True)
+    release, hostname, pid, cmdline = out(r).splitlines()
+    assert release != platform.release()
+    assert release.startswith("6.1.")
+    assert hostname == "vmbox"
+    assert pid == "1"
+    assert cmdline.startswith("sh -c uname -r")
+
+
+def test_exit_codes(runv, bundle):
+    assert runv("run", "-b", bundle(["sh", "-c", "exit 7"]), runv.id()).returncode == 7
+    assert runv("run", "-b", bundle(["true"]), runv.id("t")).returncode == 0
+    # PID 1 of a pid namespace ignores its own signals, so the signal death comes from
+    # the guest's OOM killer: 32 MiB of memory, and tail buffering an endless line.
+    b = bundle(["sh", "-c", "tail /dev/zero; echo survived"],
+               linux__resources={"memory": {"limit": 32 * 1024 * 1024}})
+    r = runv("run", "-b", b, runv.id("s"))
+    assert r.returncode == 128 + signal.SIGKILL
+    assert b"survived" not in r.stdout
+    r = runv("run", "-b", bundle(["no-such-binary"]), runv.id("n"))
+    assert r.returncode == 127
+    assert b"no-such-binary" in r.stderr and b"not found" in r.stderr
+    r = runv("run", "-b", bundle(["/etc/passwd"]), runv.id("x"))
+    assert r.returncode == 126
+
+
+def test_stdin_reaches_the_container(runv, bundle):
+    r = runv("run", "-b", bundle(["cat"]), runv.id(), input=b"a\nb\n", check=True)
+    assert r.stdout == b"a\nb\n"
+
+
+def test_large_stdout_is_byte_identical_and_stderr_separate(runv, bundle, tmp_path):
+    # 20 MB of pseudo-random bytes made in the guest; its sha256 goes to stderr.
+    script = ("head -c 20971520 /dev/urandom > /dev/shm/data; "
+              "sha256sum /dev/shm/data | cut -d' ' -f1 >&2; cat /dev/shm/data")
+    r = runv("run", "-b", bundle(["sh", "-c", script]), runv.id(), check=True)
+    assert len(r.stdout) == 20971520
+    assert hashlib.sha256(r.stdout).hexdigest() == r.stderr.decode().strip()
+
+
+def test_env_cwd_args(runv, bundle):
+    b = bundle(["sh", "-c", 'echo "$GREETING|$(pwd)|$0|$1"', "zero", "one"],
+               process__env=["PATH=/bin:/sbin", "GREETING=hi there"], process__cwd="/tmp")
+    r = runv("run", "-b", b, runv.id(), check=True)
+    assert out(r).strip() == "hi there|/tmp|zero|one"
+
+
+def test_readonly_root_tmpfs_and_bind_mount(runv, bundle, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "from-host").write_text("host data\n")
+    b = bundle(["sh", "-c", "touch /x 2>&1; echo ro=$?; echo tmp > /scratch/f && cat /scratch/f; "
+                            "grep -q ' /scratch tmpfs' /proc/mounts && echo tmpfs-ok; "
+                            "cat /data/from-host; echo guest > /data/from-guest"],
+               readonly=True)
+    import json
+    config = os.path.join(b, "config.json")
+    spec = json.load(open(config))
+    spec["mounts"] += [
+        {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]},
+        {"destination": "/data", "type": "bind", "source": str(shared), "options": ["rbind", "rw"]},
+    ]
+    json.dump(spec, open(config, "w"))
+    r = runv("run", "-b", b, runv.id(), check=True)
+    lines = out(r).splitlines()
+    assert "Read-only file system" in lines[0]
+    assert lines[1] == "ro=1"
+    assert lines[2:] == ["tmp", "tmpfs-ok", "host data"]
+    assert (shared / "from-guest").read_text() == "guest\n"
+
+
+def test_readonly_bind_mount(runv, bundle, tmp_path):
+    shared = tmp_path / "ro"
+    shared.mkdir()
+    b = bundle(["sh", "-c", "echo x > /data/f"])
+    import json
+    config = os.path.join(b, "config.json")
+    spec = json.load(open(config))
+    spec["mounts"].append({"destination": "/data", "type": "bind", "source": str(shared),
+                           "options": ["bind", "ro"]})
+    json.dump(spec, open(config, "w"))
+    r = runv("run", "-b", b, runv.id())
+    assert r.returncode != 0
+    assert b"Read-only file system" in r.stderr
+    assert not (shared / "f").exists()
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("no-config", "config.json not found"),
+    ("bad-json", "invalid JSON at line"),
+    ("no-rootfs", "rootfs"),
+    ("no-args", "process.args"),
+])
+def test_bad_bundles(runv, bundle, breakage, message):
+    b = bundle(["true"])
+    config = os.path.join(b, "config.json")
+    if breakage == "no-config":
+        os.unlink(config)
+    elif breakage == "bad-json":
+        with open(config, "a") as f:
+            f.write("{oops")
+    elif breakage == "no-rootfs":
+        os.rename(os.path.join(b, "rootfs"), os.path.join(b, "gone"))
+    elif breakage == "no-args":
+        import json
+        spec = json.load(open(config))
+        spec["process"]["args"] = []
+        json.dump(spec, open(config, "w"))
+    r = runv("run", "-b", b, runv.id())
+    assert r.returncode != 0
+    assert message in r.stderr.decode()
+    assert not os.path.exists(os.path.join(runv.root, runv.id()))
+
+
+def test_missing_kernel_and_qemu(runv, bundle, tmp_path):
+    b = bundle(["true"])
+    r = runv("--kernel", str(tmp_path / "nokernel"), "run", "-b", b, runv.id())
+    assert r.returncode != 0 and b"guest kernel" in r.stderr and b"nokernel" in r.stderr
+    env = dict(os.environ, RUNV_QEMU=str(tmp_path / "no-qemu"))
+    r = runv("run", "-b", b, runv.id("q"), env=env)
+    assert r.returncode != 0 and b"no-qemu" in r.stderr and b"not found" in r.stderr
+
+
+@pytest.mark.parametrize("cid", ["../escape", "a/b", "", "x" * 1000, ".."])
+def test_bad_container_ids(runv, bundle, cid):
+    r = runv("run", "-b", bundle(["true"]), cid)
+    assert r.returncode != 0
+    assert b"container id" in r.stderr
+    assert not os.path.exists(os.path.join(os.path.dirname(runv.root), "escape"))
+
+
+def test_guest_panic_is_reported(runv, bundle):
+    # Writing 'c' to sysrq-trigger panics the guest kernel; the run must end, not hang.
+    b = bundle(["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 100"])
+    r = runv("run", "-b", b, runv.id(), timeout=60)
+    assert r.returncode != 0

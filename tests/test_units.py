@@ -1,0 +1,86 @@
+"""Unit tests: wire protocol framing, bundle checks, driver probing."""
+import json
+
+import pytest
+
+from runv_py import bundle as oci
+from runv_py.drivers import DriverError, kvm_verdict, probe
+from runv_py.hyperstart import protocol as p
+
+
+def test_control_frames_roundtrip_in_pieces():
+    data = p.encode_control(p.NEWCONTAINER, {"id": "c1"}) + p.encode_control(p.PING)
+    reader = p.FrameReader(p.CONTROL_HEADER)
+    frames = []
+    for i in range(len(data)):
+        frames += reader.feed(data[i:i + 1])
+    assert frames == [(p.NEWCONTAINER, b'{"id":"c1"}'), (p.PING, b"")]
+    assert data[:8] == bytes([0, 0, 0, 17, 0, 0, 0, 19])  # big-endian, length counts header
+
+
+def test_stream_frames_and_eof():
+    reader = p.FrameReader(p.STREAM_HEADER)
+    assert reader.feed(p.encode_stream(3, b"abc") + p.encode_stream(3)) == [(3, b"abc"), (3, b"")]
+    assert len(p.encode_stream(1, b"x")) == 13
+
+
+def test_corrupt_frame_length_is_rejected():
+    with pytest.raises(p.ProtocolError):
+        p.FrameReader(p.CONTROL_HEADER).feed(b"\0\0\0\x09\0\0\0\x02")
+
+
+def test_exit_status():
+    assert p.exit_status(7 << 8) == 7
+    assert p.exit_status(9) == 137
+
+
+@pytest.mark.parametrize("cid", ["", "a/b", "..", "../x", "x" * 129, "-lead", "sp ace"])
+def test_bad_ids(cid):
+    with pytest.raises(oci.BundleError):
+        oci.check_id(cid)
+
+
+def test_good_id():
+    assert oci.check_id("web-1.2_x") == "web-1.2_x"
+
+
+def test_signals():
+    assert oci.parse_signal("KILL") == 9
+    assert oci.parse_signal("sigterm") == 15
+    assert oci.parse_signal("10") == 10
+    for bad in ("NOPE", "0", "999"):
+        with pytest.raises(oci.BundleError):
+            oci.parse_signal(bad)
+
+
+def test_bundle_errors_name_the_problem(tmp_path):
+    with pytest.raises(oci.BundleError, match="config.json not found"):
+        oci.load(str(tmp_path))
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(oci.BundleError, match="invalid JSON at line 1"):
+        oci.load(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"root": {"path": "rootfs"},
+                                                      "process": {"args": ["sh"]}}))
+    with pytest.raises(oci.BundleError, match="rootfs .* does not exist"):
+        oci.load(str(tmp_path))
+
+
+def test_resources_become_cgroup_values():
+    res = oci.guest_resources({"memory": {"limit": 1 << 26}, "pids": {"limit": 10},
+                               "cpu": {"quota": 50000, "period": 100000}})
+    assert res == {"memory": 1 << 26, "pids": 10, "cpu": "50000 100000"}
+
+
+def test_probe_on_this_machine():
+    usable, reason = kvm_verdict()
+    driver = probe("")
+    assert driver.accel == ("kvm" if usable else "tcg")
+    assert reason in driver.reason or driver.reason == reason
+    with pytest.raises(DriverError, match="unknown driver"):
+        probe("xen")
+
+
+def test_probe_missing_qemu(monkeypatch, tmp_path):
+    monkeypatch.setenv("RUNV_QEMU", str(tmp_path / "nothing"))
+    with pytest.raises(DriverError, match="not found"):
+        probe("qemu-tcg")
