@@ -68,20 +68,226 @@ def main(ctx, kernel, initrd, driver, default_cpus, default_memory, root, debug,
                       default_memory=default_memory, root=root, debug=debug)
 
 
+def lifecycle_errors(fn):
+    """Turn the runtime's expected errors into runc-style messages and exit status 1."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .bundle import BundleError
+        from .lifecycle import LifecycleError
+        from .state import NotFound
+        from .statedir import StateError
+        errors = (BundleError, LifecycleError, NotFound, StateError, ValueError, TimeoutError)
+        try:
+            from .drivers import DriverError
+            from .run import RunError
+            from .shim import ShimError
+            errors += (DriverError, RunError, ShimError)
+        except ImportError:
+            pass
+        try:
+            return fn(*args, **kwargs)
+        except errors as e:
+            fail(str(e))
+    return wrapper
+
+
 @main.command()
 @click.option("-b", "--bundle", default=".", show_default=True, help="Path to the OCI bundle.")
+@click.option("-d", "--detach", is_flag=True, help="Detach: create and start, then return.")
+@click.option("--pid-file", default="", help="Write the container's host pid here.")
+@click.option("--console-socket", default="", help="Unix socket that receives the pty master.")
 @click.argument("container_id")
 @click.pass_obj
-def run(opts, bundle, container_id):
-    """Create and run a container in a new VM, in the foreground."""
+@lifecycle_errors
+def run(opts, bundle, detach, pid_file, console_socket, container_id):
+    """Create and run a container in a new VM (foreground unless -d)."""
+    if detach:
+        from . import lifecycle
+        lifecycle.create(opts.root, container_id, bundle, opts.boot_config(), opts.driver,
+                         pid_file, console_socket)
+        lifecycle.start(opts.root, container_id)
+        return
+    from .run import run as run_container
+    sys.exit(run_container(bundle, container_id, opts.root, opts.boot_config(), opts.driver))
+
+
+@main.command()
+@click.option("-b", "--bundle", default=".", show_default=True, help="Path to the OCI bundle.")
+@click.option("--pid-file", default="", help="Write the container's host pid here.")
+@click.option("--console-socket", default="", help="Unix socket that receives the pty master.")
+@click.option("--no-pivot", is_flag=True, hidden=True)
+@click.option("--no-new-keyring", is_flag=True, hidden=True)
+@click.argument("container_id")
+@click.pass_obj
+@lifecycle_errors
+def create(opts, bundle, pid_file, console_socket, no_pivot, no_new_keyring, container_id):
+    """Create a container in a new VM; its process waits for `start`."""
+    from . import lifecycle
+    lifecycle.create(opts.root, container_id, bundle, opts.boot_config(), opts.driver,
+                     pid_file, console_socket)
+
+
+@main.command()
+@click.argument("container_id")
+@click.pass_obj
+@lifecycle_errors
+def start(opts, container_id):
+    """Start a created container's process."""
+    from . import lifecycle
+    lifecycle.start(opts.root, container_id)
+
+
+@main.command()
+@click.argument("container_id")
+@click.pass_obj
+@lifecycle_errors
+def state(opts, container_id):
+    """Print the container's state as JSON (runc's format)."""
+    from . import lifecycle
+    from .state import oci_state
+    click.echo(json.dumps(oci_state(lifecycle.load(opts.root, container_id)), indent=2))
+
+
+@main.command()
+@click.option("-a", "--all", "all_processes", is_flag=True, help="Signal every process.")
+@click.argument("container_id")
+@click.argument("signal", default="SIGTERM")
+@click.pass_obj
+@lifecycle_errors
+def kill(opts, all_processes, container_id, signal):
+    """Send a signal (name or number, default SIGTERM) to the container."""
+    from . import lifecycle
+    from .bundle import parse_signal
+    lifecycle.kill(opts.root, container_id, parse_signal(signal), all_processes)
+
+
+@main.command()
+@click.option("-f", "--force", is_flag=True, help="Kill the container if it is running.")
+@click.argument("container_id")
+@click.pass_obj
+@lifecycle_errors
+def delete(opts, force, container_id):
+    """Delete a stopped (or, with --force, any) container and its VM."""
+    from . import lifecycle
+    lifecycle.delete(opts.root, container_id, force)
+
+
+@main.command("list")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the ids.")
+@click.option("-f", "--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_obj
+def list_containers(opts, quiet, fmt):
+    """List containers."""
+    from . import state as st
+    records = []
+    for cid in st.list_ids(opts.root):
+        try:
+            records.append(st.read(opts.root, cid))
+        except st.NotFound:
+            continue
+    if quiet:
+        for r in records:
+            click.echo(r["id"])
+    elif fmt == "json":
+        click.echo(json.dumps([st.oci_state(r) for r in records]))
+    else:
+        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        for r in records:
+            s = st.oci_state(r)
+            rows.append((s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"]))
+        widths = [max(len(row[i]) for row in rows) for i in range(6)]
+        for row in rows:
+            click.echo("   ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+@main.command()
+@click.option("-f", "--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.argument("container_id")
+@click.argument("ps_args", nargs=-1)
+@click.pass_obj
+@lifecycle_errors
+def ps(opts, fmt, container_id, ps_args):
+    """List the processes in a container (pids as seen in its VM)."""
+    from . import lifecycle
+    procs = lifecycle.processes(opts.root, container_id)
+    if fmt == "json":
+        click.echo(json.dumps([p["pid"] for p in procs]))
+        return
+    click.echo(f"{'UID':<8} {'PID':>6} {'PPID':>6} {'STAT':<4} {'RSS':>8}  CMD")
+    for p in procs:
+        click.echo(f"{p['uid']:<8} {p['pid']:>6} {p['ppid']:>6} {p['state']:<4} "
+                   f"{p['rss_kb']:>8}  {p['cmd']}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-p", "--process", "process_file", default="", help="process.json to run.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal.")
+@click.option("-d", "--detach", is_flag=True, help="Detach from the process.")
+@click.option("--cwd", default="", help="Working directory in the container.")
+@click.option("-e", "--env", multiple=True, help="Set an environment variable (K=V).")
+@click.option("-u", "--user", default="", help="uid[:gid] to run as.")
+@click.option("--pid-file", default="", help="Write the process's host pid here.")
+@click.option("--console-socket", default="", help="Unix socket that receives the pty master.")
+@click.argument("container_id")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+@lifecycle_errors
+def exec(opts, process_file, tty, detach, cwd, env, user, pid_file, console_socket,
+         container_id, command):
+    """Run a process in a running container."""
+    from . import lifecycle
     from .bundle import BundleError
-    from .run import RunError, run as run_container
-    from .statedir import StateError
-    try:
-        status = run_container(bundle, container_id, opts.root, opts.boot_config(), opts.driver)
-    except (RunError, BundleError, StateError, ValueError) as e:
-        fail(str(e))
+    if process_file:
+        try:
+            with open(process_file) as f:
+                process = json.load(f)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read {process_file}: {e}") from None
+    else:
+        if not command:
+            raise BundleError("exec needs a command or --process")
+        record = lifecycle.load(opts.root, container_id)
+        base = lifecycle.read_bundle_spec(record).get("process") or {}
+        process = {"args": list(command), "env": base.get("env") or [],
+                   "cwd": base.get("cwd") or "/", "user": base.get("user") or {"uid": 0, "gid": 0},
+                   "terminal": tty}
+    if cwd:
+        process["cwd"] = cwd
+    if env:
+        process["env"] = list(process.get("env") or []) + list(env)
+    if user:
+        uid, _, gid = user.partition(":")
+        process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+    if tty:
+        process["terminal"] = True
+    from .run import RawTerminal, _nothing
+    raw = process.get("terminal") and not detach and not console_socket and os.isatty(0)
+    with RawTerminal() if raw else _nothing():
+        status = lifecycle.exec_process(opts.root, container_id, process, detach, pid_file,
+                                        console_socket)
     sys.exit(status)
+
+
+@main.command()
+@click.argument("container_id")
+@click.pass_obj
+@lifecycle_errors
+def pause(opts, container_id):
+    """Pause the container's VM (QMP stop)."""
+    from . import lifecycle
+    lifecycle.pause(opts.root, container_id)
+
+
+@main.command()
+@click.argument("container_id")
+@click.pass_obj
+@lifecycle_errors
+def resume(opts, container_id):
+    """Resume a paused container's VM (QMP cont)."""
+    from . import lifecycle
+    lifecycle.resume(opts.root, container_id)
 
 
 @main.command()
