@@ -38,6 +38,7 @@ def shim_request(record: dict, message: dict, fds=(), timeout: float = 60.0):
         socket.send_fds(sock, [data], list(fds))
     else:
         sock.sendall(data)
+    sock = Connection(sock)
     reply = read_line(sock)
     if reply is None:
         sock.close()
@@ -48,17 +49,28 @@ def shim_request(record: dict, message: dict, fds=(), timeout: float = 60.0):
     return reply, sock
 
 
-def read_line(sock: socket.socket):
-    buf = b""
-    while not buf.endswith(b"\n"):
-        try:
-            more = sock.recv(65536)
-        except (socket.timeout, OSError):
-            return None
-        if not more:
-            return None
-        buf += more
-    return json.loads(buf)
+class Connection:
+    """A connection to a shim; answers are JSON lines, and several may arrive at once."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def settimeout(self, timeout) -> None:
+        self.sock.settimeout(timeout)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def read_line(conn: Connection):
+    """The next JSON line from the shim, or None if it closed or went silent."""
+    try:
+        line = conn.reader.readline()
+    except (socket.timeout, OSError):
+        return None
+    return json.loads(line) if line.endswith(b"\n") else None
 
 
 def simple_request(record: dict, message: dict) -> dict:

@@ -91,6 +91,8 @@ class Shim:
         self.exec_count = 0
         self.tty_seq = 0
         self.listener = None
+        self.in_flight = 0
+        self.idle = threading.Condition()
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -114,14 +116,16 @@ class Shim:
                 raise ShimError("terminal is true but no --console-socket was given")
             slave = host_pty(self.console_socket)
             agent.attach(seq_out, fd_sink(slave))
-            pump(agent, seq_out, os.dup(slave))
+            stdin, close_stdin = os.dup(slave), True
             self.tty_seq = seq_out
         else:
             agent.attach(seq_out, fd_sink(1))
             agent.attach(seq_err, fd_sink(2))
-            pump(agent, seq_out, 0, close=False)
+            stdin, close_stdin = 0, False
         process = oci.process_message(self.bundle.process, "init", seq_out, seq_err)
         self.guest_pid = sandbox.create_container(self.cid, self.bundle, process, wait=True)
+        # Only now does the agent know the stream: earlier stdin would be dropped.
+        pump(agent, seq_out, stdin, close=close_stdin)
         threading.Thread(target=self.watch_vm, name="vm-watch", daemon=True).start()
 
     def watch_vm(self) -> None:
@@ -155,13 +159,16 @@ class Shim:
 
     # ---- serving --------------------------------------------------------------------
 
-    def serve(self) -> None:
+    def listen(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         dirfd = os.open(self.path, os.O_PATH | os.O_DIRECTORY)
         listener.bind(f"/proc/self/fd/{dirfd}/{st.SHIM_SOCKET}")
         os.close(dirfd)
         listener.listen(64)
         self.listener = listener
+
+    def serve(self) -> None:
+        listener = self.listener
         while not self.done.is_set():
             try:
                 ready, _, _ = select.select([listener], [], [], 1.0)
@@ -173,6 +180,8 @@ class Shim:
                 conn, _ = listener.accept()
             except OSError:
                 continue
+            with self.idle:
+                self.in_flight += 1
             threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
         listener.close()
 
@@ -207,6 +216,15 @@ class Shim:
                 except OSError:
                     pass
             conn.close()
+            with self.idle:
+                self.in_flight -= 1
+                self.idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> None:
+        """Let requests under way send their answers (a `start` whose process exits at
+        once must still hear that it started) before the shim exits."""
+        with self.idle:
+            self.idle.wait_for(lambda: self.in_flight == 0, timeout)
 
     def require(self, *statuses) -> None:
         status = self.record.get("status")
@@ -275,7 +293,7 @@ class Shim:
         if terminal and console:
             slave = host_pty(console)
             agent.attach(seq_out, fd_sink(slave))
-            pump(agent, seq_out, os.dup(slave))
+            stdin = os.dup(slave)
             owned = [slave]
         else:
             if len(fds) != 3:
@@ -284,15 +302,15 @@ class Shim:
             agent.attach(seq_out, fd_sink(stdout))
             if seq_err:
                 agent.attach(seq_err, fd_sink(stderr))
-            pump(agent, seq_out, stdin)
             owned = [stdout, stderr]
         message = oci.process_message(process, exec_id, seq_out, seq_err)
         try:
             pid = self.sandbox.exec(self.cid, message)
         except Exception:
-            for fd in owned:
+            for fd in owned + [stdin]:
                 os.close(fd)
             raise
+        pump(agent, seq_out, stdin)
         send_json(conn, {"ok": True, "pid": pid, "exec_id": exec_id, "seq": seq_out})
         event = agent.wait_exit(self.cid, exec_id, (seq_out, seq_err))
         for fd in owned:
@@ -322,6 +340,7 @@ class Shim:
                 "tty_seq": self.tty_seq,
             }
             st.write(self.path, self.record)
+            self.listen()
             threading.Thread(target=self.serve, name="serve", daemon=True).start()
             os.write(report_fd, json.dumps({"ok": True, "pid": os.getpid()}).encode())
             os.close(report_fd)
@@ -336,6 +355,7 @@ class Shim:
             return 1
         while not self.done.wait(1.0):
             pass
+        self.wait_idle(5.0)
         self.teardown()
         return self.exit_status
 

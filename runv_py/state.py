@@ -61,8 +61,16 @@ def read(root: str, cid: str) -> dict:
 
 
 def shim_alive(record: dict) -> bool:
+    """The shim still runs (a zombie waiting for its parent to reap it does not)."""
     pid = record.get("shim_pid") or 0
-    return pid > 0 and process_start_time(pid) == record.get("shim_start", "")
+    if pid <= 0 or process_start_time(pid) != record.get("shim_start", ""):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.rfind(")") + 2] not in "ZX"
+    except OSError:
+        return False
 
 
 def oci_state(record: dict) -> dict:

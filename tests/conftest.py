@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -49,13 +50,35 @@ class Runv:
         return result
 
 
+    def detached(self, *args, stdin=None, timeout=120, check=True):
+        """Run a command whose children keep its stdio (create, run -d, exec -d): the
+        output goes to files, so nothing waits for a pipe the shim holds open."""
+        out = tempfile.TemporaryFile()
+        err = tempfile.TemporaryFile()
+        result = subprocess.run(self.args(*args), stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                                stdout=out, stderr=err, timeout=timeout)
+        out.seek(0)
+        err.seek(0)
+        result.stdout, result.stderr = out.read(), err.read()
+        if check and result.returncode != 0:
+            raise AssertionError(f"runv-py {' '.join(args)} failed ({result.returncode}): "
+                                 f"{result.stderr.decode(errors='replace')}")
+        return result
+
+    def state(self, cid: str) -> dict:
+        return json.loads(self("state", cid, check=True).stdout)
+
+
 @pytest.fixture
 def runv(tmp_path):
     tag = uuid.uuid4().hex[:8]
     root = str(tmp_path / "state")
     r = Runv(root, tag)
     yield r
-    # Leak checks, also after a failed test: no QEMU, no state directory, no mount.
+    # A test that failed half-way leaves containers behind: delete them as a user would,
+    # then check that nothing leaked: no QEMU, no state directory, no mount.
+    for cid in os.listdir(root) if os.path.isdir(root) else []:
+        r("delete", "--force", cid, timeout=60)
     deadline = time.monotonic() + 5
     while qemu_pids(tag) and time.monotonic() < deadline:
         time.sleep(0.1)

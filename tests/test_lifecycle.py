@@ -1,0 +1,243 @@
+"""The OCI lifecycle driven command by command, as containerd's runc shim drives runc."""
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import qemu_pids
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture
+def subreaper():
+    """Make this test process a child subreaper, as containerd-shim is: the container's
+    host pid is then reparented to us and we can wait for its exit status."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    yield
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def wait_pid(pid: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got == pid:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    raise TimeoutError(f"pid {pid} did not exit")
+
+
+def wait_status(runv, cid, want, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if runv.state(cid)["status"] == want:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{cid} never became {want}: {runv.state(cid)}")
+
+
+def test_full_cycle(runv, bundle, tmp_path, subreaper):
+    cid = runv.id()
+    out = tmp_path / "out"
+    b = bundle(["sh", "-c", "echo started; exec sleep 600"])
+    pid_file = tmp_path / "pid"
+    with open(out, "wb") as stdout:
+        r = subprocess.run(runv.args("create", "-b", b, "--pid-file", str(pid_file), cid),
+                           stdin=subprocess.DEVNULL, stdout=stdout, stderr=stdout, timeout=120)
+    assert r.returncode == 0, out.read_text()
+    pid = int(pid_file.read_text())
+    state = runv.state(cid)
+    assert state["status"] == "created" and state["pid"] == pid and state["id"] == cid
+    assert state["bundle"] == b and state["ociVersion"] and state["created"]
+    assert os.path.exists(f"/proc/{pid}")
+    assert out.read_text() == ""            # the process waits for start
+    runv("start", cid, check=True)
+    assert runv.state(cid)["status"] == "running"
+    deadline = time.monotonic() + 10
+    while "started" not in out.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert out.read_text() == "started\n"   # stdio is create's, as with runc
+    r = runv("exec", cid, "sh", "-c", "echo exec-out; echo exec-err >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"exec-out\n", b"exec-err\n")
+    listing = json.loads(runv("list", "--format", "json", check=True).stdout)
+    assert [c["id"] for c in listing] == [cid]
+    assert runv("list", "-q", check=True).stdout.decode().split() == [cid]
+    procs = json.loads(runv("ps", "--format", "json", cid, check=True).stdout)
+    assert procs == [1] or 1 in procs or len(procs) == 1
+    runv("kill", cid, "KILL", check=True)
+    assert wait_pid(pid) == 128 + signal.SIGKILL   # the host pid exits with the status
+    wait_status(runv, cid, "stopped")
+    assert runv.state(cid)["pid"] == 0
+    runv("delete", cid, check=True)
+    r = runv("state", cid)
+    assert r.returncode != 0 and b"does not exist" in r.stderr
+
+
+def test_exec_stdin_env_cwd_user_and_detached_pid(runv, bundle, tmp_path, subreaper):
+    cid = runv.id()
+    runv.detached("run", "-d", "-b", bundle(["sleep", "600"]), cid)
+    r = runv("exec", "--cwd", "/tmp", "-e", "X=42", "-u", "65534:65534", cid,
+             "sh", "-c", "cat; pwd; echo $X; id -u; id -g", input=b"piped\n")
+    assert r.stdout.decode().split() == ["piped", "/tmp", "42", "65534", "65534"]
+    pid_file = tmp_path / "exec.pid"
+    runv.detached("exec", "-d", "--pid-file", str(pid_file), cid, "sh", "-c", "sleep 1; exit 5")
+    assert wait_pid(int(pid_file.read_text())) == 5
+    process = {"args": ["sh", "-c", "exit 9"], "cwd": "/", "env": ["PATH=/bin"]}
+    (tmp_path / "process.json").write_text(json.dumps(process))
+    assert runv("exec", "-p", str(tmp_path / "process.json"), cid).returncode == 9
+    runv("delete", "--force", cid, check=True)
+
+
+def test_pause_resume(runv, bundle):
+    cid = runv.id()
+    runv.detached("run", "-d", "-b", bundle(["sleep", "600"]), cid)
+    runv("pause", cid, check=True)
+    assert runv.state(cid)["status"] == "paused"
+    r = runv("delete", cid)
+    assert r.returncode != 0 and b"not stopped" in r.stderr
+    runv("resume", cid, check=True)
+    assert runv.state(cid)["status"] == "running"
+    assert runv("exec", cid, "true").returncode == 0
+    runv("delete", "-f", cid, check=True)
+
+
+def test_oom_kill_reports_failure(runv, bundle, subreaper):
+    cid = runv.id()
+    b = bundle(["sh", "-c", "tail /dev/zero"],
+               linux__resources={"memory": {"limit": 64 * 1024 * 1024}})
+    pid_file = os.path.join(os.path.dirname(b), "oom.pid")
+    runv.detached("run", "-d", "--pid-file", pid_file, "-b", b, cid)
+    status = wait_pid(int(open(pid_file).read()))
+    assert status == 128 + signal.SIGKILL
+    wait_status(runv, cid, "stopped")
+    runv("delete", cid, check=True)
+
+
+def test_pids_limit_stops_a_fork_bomb(runv, bundle):
+    cid = runv.id()
+    # The init is a shell so that it reaps the orphaned sleeps (sleep would leave zombies).
+    b = bundle(["sh", "-c", "while :; do sleep 1; done"], linux__resources={"pids": {"limit": 16}})
+    runv.detached("run", "-d", "-b", b, cid)
+    r = runv("exec", cid, "sh", "-c", "for i in $(seq 64); do sleep 3 & echo $i; done", timeout=60)
+    assert r.returncode != 0 and b"can't fork" in r.stderr
+    started = len(r.stdout.split())
+    assert 0 < started < 16
+    time.sleep(4)  # the sleeps end and free their pids; the container lives on
+    assert runv("exec", cid, "true", timeout=60).returncode == 0
+    assert runv.state(cid)["status"] == "running"
+    runv("delete", "-f", cid, check=True)
+
+
+def test_bad_input_changes_nothing(runv, bundle):
+    cid = runv.id()
+    for bad in ("../x", "a/b", "", "y" * 1000):
+        r = runv("create", "-b", bundle(["true"]), bad)
+        assert r.returncode != 0 and b"container id" in r.stderr
+    r = runv("state", "nope-" + runv.tag)
+    assert r.returncode != 0 and b"does not exist" in r.stderr
+    for cmd in (["start"], ["kill"], ["delete"], ["pause"], ["exec"]):
+        r = runv(*cmd, "nope-" + runv.tag, *(["true"] if cmd == ["exec"] else []))
+        assert r.returncode != 0 and b"does not exist" in r.stderr, cmd
+    runv.detached("create", "-b", bundle(["sleep", "600"]), cid)
+    r = runv.detached("create", "-b", bundle(["true"]), cid, check=False)
+    assert r.returncode != 0 and b"already exists" in r.stderr
+    r = runv("kill", cid, "SIGNOPE")
+    assert r.returncode != 0 and b"unknown signal" in r.stderr
+    runv("start", cid, check=True)
+    r = runv("start", cid)
+    assert r.returncode != 0 and b"running" in r.stderr
+    r = runv("delete", cid)
+    assert r.returncode != 0 and b"not stopped" in r.stderr
+    assert runv.state(cid)["status"] == "running"
+    runv("delete", "--force", cid, check=True)
+    assert not os.path.exists(os.path.join(runv.root, cid))
+
+
+def test_start_of_stopped_container_fails(runv, bundle, subreaper):
+    cid = runv.id()
+    runv.detached("run", "-d", "-b", bundle(["true"]), cid)
+    wait_status(runv, cid, "stopped")
+    r = runv("start", cid)
+    assert r.returncode != 0 and b"stopped" in r.stderr
+    runv("delete", cid, check=True)
+
+
+def test_kill_9_of_the_shim_leaves_no_qemu(runv, bundle):
+    cid = runv.id()
+    runv.detached("run", "-d", "-b", bundle(["sleep", "600"]), cid)
+    assert qemu_pids(runv.tag)
+    os.kill(runv.state(cid)["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while qemu_pids(runv.tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not qemu_pids(runv.tag)
+    assert runv.state(cid)["status"] == "stopped"
+    runv("delete", cid, check=True)
+
+
+def test_kill_9_of_qemu_stops_the_container(runv, bundle):
+    cid = runv.id()
+    runv.detached("run", "-d", "-b", bundle(["sleep", "600"]), cid)
+    for pid in qemu_pids(runv.tag):
+        os.kill(pid, signal.SIGKILL)
+    wait_status(runv, cid, "stopped", timeout=10)
+    runv("delete", cid, check=True)
+
+
+def test_guest_panic_stops_the_container(runv, bundle):
+    cid = runv.id()
+    runv.detached("run", "-d", "-b", bundle(["sleep", "600"]), cid)
+    runv("exec", cid, "sh", "-c", "echo c > /proc/sysrq-trigger", timeout=30)
+    wait_status(runv, cid, "stopped", timeout=20)
+    runv("delete", cid, check=True)
+
+
+def test_hooks_run_with_state_and_failures_fail_create(runv, bundle, tmp_path):
+    log = tmp_path / "hooks.log"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\necho \"$1 $(cat)\" >> {log}\n")
+    hook.chmod(0o755)
+    hooks = {k: [{"path": str(hook), "args": [str(hook), k]}]
+             for k in ("prestart", "createRuntime", "poststart", "poststop")}
+    cid = runv.id()
+    runv.detached("run", "-d", "-b", bundle(["sleep", "600"], hooks=hooks), cid)
+    runv("delete", "-f", cid, check=True)
+    lines = log.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["prestart", "createRuntime", "poststart", "poststop"]
+    assert json.loads(lines[0].split(" ", 1)[1])["id"] == cid
+    bad = {"prestart": [{"path": "/bin/false"}]}
+    r = runv.detached("create", "-b", bundle(["true"], hooks=bad), runv.id("h"), check=False)
+    assert r.returncode != 0 and b"prestart hook" in r.stderr
+    assert not os.path.exists(os.path.join(runv.root, runv.id("h")))
+
+
+def test_twenty_containers_in_parallel(runv, bundle):
+    b = bundle(["sh", "-c", "echo ok; exec sleep 600"])
+    ids = [runv.id(f"p{i}") for i in range(20)]
+    errors = []
+
+    def cycle(cid):
+        try:
+            runv.detached("run", "-d", "-b", b, cid, timeout=200)
+            r = runv("exec", cid, "true", timeout=60)
+            assert r.returncode == 0, r.stderr
+            runv("delete", "--force", cid, check=True, timeout=60)
+        except Exception as e:  # collected and asserted below
+            errors.append(f"{cid}: {e}")
+
+    threads = [threading.Thread(target=cycle, args=(cid,)) for cid in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(230)
+    assert not errors
+    assert runv("list", "-q", check=True).stdout == b""
