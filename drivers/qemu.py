@@ -145,6 +145,10 @@ class QemuVM:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def channels(self) -> tuple:
+        """Connected sockets to the agent's control and stream ports."""
+        return self.connect(CONTROL_SOCKET), self.connect(STREAM_SOCKET)
+
     def connect(self, name: str, timeout: float = 10.0) -> socket.socket:
         """Connect to one of QEMU's server sockets, waiting for QEMU to create it."""
         deadline = time.monotonic() + timeout

@@ -161,6 +161,8 @@ class Agent:
         self.by_seq = {}          # stdin sequence -> Process
         self.fd_owner = {}        # output fd -> Process
         self.share_mounted = False
+        self.share_dir = SHARE_DIR  # the namespace driver points this at the host's share
+        self.watch = {}           # extra fd -> callback (the namespace driver's OOM events)
         self.hostname = ""
         self.running = True
         self.wakeup_r, self.wakeup_w = os.pipe()
@@ -218,6 +220,8 @@ class Agent:
         for proc in self.by_seq.values():
             if proc.stdin_buf and proc.stdin_fd >= 0:
                 poller.register(proc.stdin_fd, select.POLLOUT)
+        for fd in self.watch:
+            poller.register(fd, select.POLLIN)
         draining = any(pr.status is not None for pr in self.by_pid.values())
         try:
             events = poller.poll(200 if draining else 5000)
@@ -232,6 +236,8 @@ class Agent:
                 self.on_stream(mask)
             elif fd in self.fd_owner:
                 self.on_output(fd)
+            elif fd in self.watch:
+                self.watch[fd]()
             else:
                 self.on_stdin_writable(fd)
         self.reap()
@@ -423,7 +429,7 @@ class Agent:
         container = Container(cid, msg)
         root = msg["rootfs"]
         if not root.startswith("/"):
-            root = os.path.join(SHARE_DIR, root)
+            root = os.path.join(self.share_dir, root)
         if not os.path.isdir(root):
             raise AgentError(f"rootfs {root} is not a directory")
         container.root = root
@@ -573,6 +579,9 @@ class Agent:
                 pass
         return path
 
+    def join_cgroup(self, container: Container) -> None:
+        write_file(os.path.join(container.cgroup, "cgroup.procs"), "0")
+
     def remove_cgroup(self, container: Container) -> None:
         try:
             os.rmdir(container.cgroup)
@@ -696,14 +705,14 @@ class Agent:
 
     def child_enter_new(self, proc: Process) -> None:
         """In the helper: join the container's cgroup and make its namespaces."""
-        write_file(os.path.join(proc.container.cgroup, "cgroup.procs"), "0")
+        self.join_cgroup(proc.container)
         sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID)
 
     def child_enter_existing(self, proc: Process) -> None:
         """In the helper: join the namespaces, cgroup and root of the container's init."""
         container = proc.container
         init_pid = container.init.pid
-        write_file(os.path.join(container.cgroup, "cgroup.procs"), "0")
+        self.join_cgroup(container)
         root_fd = os.open(f"/proc/{init_pid}/root", os.O_RDONLY | os.O_DIRECTORY)
         fds = [(os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY), flag) for ns, flag in
                (("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS),
@@ -801,7 +810,7 @@ class Agent:
         target = secure_join(root, m["destination"])
         source = m.get("source") or kind
         if m.get("shared"):
-            source = os.path.join(SHARE_DIR, source)
+            source = os.path.join(self.share_dir, source)
         if "bind" in (m.get("options") or []) or "rbind" in (m.get("options") or []) or kind == "bind":
             flags |= sc.MS_BIND
             if not os.path.exists(target):

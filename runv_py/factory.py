@@ -50,8 +50,7 @@ def connect_agent(vm, timeout: float, ping: bool = False) -> AgentClient:
     """Connect to the VM's channels and wait until the agent answers; on failure stop the
     VM and raise DriverError with the guest's console tail."""
     try:
-        agent = AgentClient(vm.connect(qemu_driver.CONTROL_SOCKET),
-                            vm.connect(qemu_driver.STREAM_SOCKET))
+        agent = AgentClient(*vm.channels())  # QEMU's sockets, or the namespace driver's pairs
         if ping:
             agent.request(protocol.PING, None, timeout)  # a clone's agent is already up
         else:

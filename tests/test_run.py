@@ -1,12 +1,48 @@
-"""`runv-py run`: a container in a real VM (QEMU, guest kernel, hyperstart agent)."""
+"""`runv-py run`: a container in a real VM (QEMU, guest kernel, hyperstart agent), and
+the same bundles under the namespace driver (the same agent on the host)."""
+import glob
 import hashlib
 import os
 import platform
 import signal
+import subprocess
+import time
 
 import pytest
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]
+
+
+@pytest.fixture(params=["", "namespace"], ids=["qemu-tcg", "namespace"])
+def driver(request) -> str:
+    """'' is the default driver (QEMU, TCG on this host); 'namespace' runs no VM."""
+    return request.param
+
+
+def needs_vm(driver: str, why: str) -> None:
+    if driver == "namespace":
+        pytest.skip(f"needs a VM: {why}")
+
+
+def namespace_leftovers(tag: str) -> list:
+    agents = subprocess.run(["pgrep", "-f", f"hyperstart.hostagent.*runv-py:[^ ]*{tag}"],
+                            capture_output=True, text=True).stdout.split()
+    cgroups = [p for p in glob.glob("/sys/fs/cgroup/*/**/runv-py/*", recursive=True) if tag in p]
+    return agents + cgroups
+
+
+@pytest.fixture
+def runv(runv, driver):
+    """The conftest runner, with ``--driver`` set; also checks the namespace driver's
+    agents and cgroups are gone afterwards."""
+    base = runv.args
+    runv.args = lambda *args: base(*(["--driver", driver] if driver else []), *args)
+    runv.driver = driver
+    yield runv
+    deadline = time.monotonic() + 5
+    while namespace_leftovers(runv.tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not namespace_leftovers(runv.tag), "namespace agents or cgroups leaked"
 
 
 def out(result) -> str:
@@ -18,8 +54,11 @@ def test_runs_in_guest_kernel_with_hostname_and_pid1(runv, bundle):
                hostname="vmbox")
     r = runv("run", "-b", b, runv.id(), check=True)
     release, hostname, pid, cmdline = out(r).splitlines()
-    assert release != platform.release()
-    assert release.startswith("6.1.")
+    if runv.driver == "namespace":
+        assert release == platform.release()  # no VM: the host's kernel
+    else:
+        assert release != platform.release()
+        assert release.startswith("6.1.")
     assert hostname == "vmbox"
     assert pid == "1"
     assert cmdline.startswith("sh -c uname -r")
@@ -131,6 +170,7 @@ def test_bad_bundles(runv, bundle, breakage, message):
 
 
 def test_missing_kernel_and_qemu(runv, bundle, tmp_path):
+    needs_vm(runv.driver, "the namespace driver uses no guest kernel and no QEMU")
     b = bundle(["true"])
     r = runv("--kernel", str(tmp_path / "nokernel"), "run", "-b", b, runv.id())
     assert r.returncode != 0 and b"guest kernel" in r.stderr and b"nokernel" in r.stderr
@@ -148,6 +188,7 @@ def test_bad_container_ids(runv, bundle, cid):
 
 
 def test_guest_panic_is_reported(runv, bundle):
+    needs_vm(runv.driver, "sysrq 'c' would panic the host's kernel, not a guest's")
     # Writing 'c' to sysrq-trigger panics the guest kernel; the run must end, not hang.
     b = bundle(["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 100"])
     r = runv("run", "-b", b, runv.id(), timeout=60)

@@ -1,0 +1,182 @@
+"""The hyperstart agent on the host, for the namespace driver.
+
+``python3 -m runv_py.hyperstart.hostagent --control-fd N --stream-fd M --share DIR
+--cgroup memory=PATH --cgroup pids=PATH ...`` is started by ``drivers/namespace.py``
+already inside new mount, UTS, IPC and network namespaces and with CLONE_NEWPID
+unshared, so its first child is PID 1 of a new pid namespace. That child runs the same
+``Agent`` as the guest, with ``guest=False``; this process stays outside, waits for it
+and kills it (SIGKILL on PID 1 ends every process of the namespace) when told to stop.
+
+This host uses cgroup v1 (hybrid), where the memory, pids and cpu controllers cannot be
+attached to a private cgroup2 hierarchy, so ``HostAgent`` keeps the agent's cgroup v2
+calls but maps them onto one v1 directory per controller. cgroup v1 has no
+``memory.oom.group``: the agent registers an OOM eventfd on the container's memory cgroup
+and kills the whole container when the kernel reports an OOM, which is what
+``memory.oom.group`` does in the guest (the kernel's own OOM kill of the largest task
+still happens first).
+"""
+import argparse
+import base64
+import os
+import signal
+import sys
+
+from . import agent as a
+from . import syscalls as sc
+
+V1_LIMITS = {"memory": ("memory", "memory.limit_in_bytes"), "pids": ("pids", "pids.max")}
+# cgroup v2 file names the host asks for (READFILE with cgroup) and their v1 homes.
+V1_FILES = {"memory.current": ("memory", "memory.usage_in_bytes"),
+            "memory.max": ("memory", "memory.limit_in_bytes"),
+            "memory.peak": ("memory", "memory.max_usage_in_bytes"),
+            "memory.stat": ("memory", "memory.stat"),
+            "pids.current": ("pids", "pids.current"), "pids.max": ("pids", "pids.max"),
+            "cpu.stat": ("cpu", "cpu.stat")}
+
+
+def write_file(path: str, data: str) -> None:
+    with open(path, "w") as f:
+        f.write(data)
+
+
+class HostAgent(a.Agent):
+    """The agent with host-side set-up: no 9p, no reboot, cgroup v1 controllers."""
+
+    def __init__(self, control_fd: int, stream_fd: int, share_dir: str, cgroups: dict):
+        super().__init__(control_fd, stream_fd, guest=False)
+        self.share_dir = share_dir
+        self.cgroup_parents = cgroups         # controller -> the sandbox's directory
+        self.groups = {}                      # container id -> {controller: path}
+        self.oom = {}                         # container id -> OOM seen
+        self.oom_fds = {}                     # container id -> its OOM eventfd
+
+    def cmd_startpod(self, msg: dict):
+        # Our own UTS namespace: the hostname is ours to set. The share is the host path.
+        self.hostname = msg.get("hostname") or ""
+        if self.hostname:
+            sc.sethostname(self.hostname)
+        return None
+
+    def cmd_reseed(self, msg: dict):
+        return None  # the host's kernel RNG is not ours to reseed
+
+    def make_cgroup(self, cid: str, resources: dict) -> str:
+        paths = {c: os.path.join(parent, cid) for c, parent in self.cgroup_parents.items()}
+        for path in paths.values():
+            os.makedirs(path, exist_ok=True)
+        self.groups[cid] = paths
+        for key, (controller, name) in V1_LIMITS.items():
+            if resources.get(key) and controller in paths:
+                write_file(os.path.join(paths[controller], name), str(resources[key]))
+        if resources.get("memory") and "memory" in paths:
+            memsw = os.path.join(paths["memory"], "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):  # no swapping past the limit, as in the guest
+                write_file(memsw, str(resources["memory"]))
+            self.watch_oom(cid, paths["memory"])
+        if resources.get("cpu") and "cpu" in paths:
+            quota, period = str(resources["cpu"]).split()
+            write_file(os.path.join(paths["cpu"], "cpu.cfs_period_us"), period)
+            write_file(os.path.join(paths["cpu"], "cpu.cfs_quota_us"), quota)
+        return paths.get("memory") or next(iter(paths.values()))
+
+    def watch_oom(self, cid: str, path: str) -> None:
+        """Get told of the container's OOMs, to kill all of it as memory.oom.group would.
+
+        (``oom_kill_disable`` would hold the tasks instead, but then an allocation made
+        inside a system call fails with EFAULT rather than waiting.)"""
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        control = os.open(os.path.join(path, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+        write_file(os.path.join(path, "cgroup.event_control"), f"{efd} {control}")
+        os.close(control)
+
+        def on_oom() -> None:
+            try:
+                os.eventfd_read(efd)
+            except BlockingIOError:
+                return
+            container = self.containers.get(cid)
+            if container is not None:
+                self.oom[cid] = True
+                self.kill_all(container, signal.SIGKILL)
+
+        self.watch[efd] = on_oom
+        self.oom_fds[cid] = efd
+
+    def join_cgroup(self, container: a.Container) -> None:
+        for path in self.groups[container.id].values():
+            write_file(os.path.join(path, "cgroup.procs"), "0")
+
+    def oom_killed(self, container: a.Container) -> bool:
+        return self.oom.get(container.id, False)
+
+    def remove_cgroup(self, container: a.Container) -> None:
+        paths = self.groups.pop(container.id, {})
+        efd = self.oom_fds.pop(container.id, -1)
+        if efd >= 0:
+            del self.watch[efd]
+            os.close(efd)
+        for path in paths.values():
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+        self.oom.pop(container.id, None)
+
+    def cmd_readfile(self, msg: dict) -> dict:
+        if msg.get("cgroup"):
+            container = self.container(msg)
+            controller, name = V1_FILES.get(os.path.basename(msg["file"]), (None, None))
+            if controller not in self.groups.get(container.id, {}):
+                raise a.AgentError(f"no cgroup file {msg['file']} on this host")
+            with open(os.path.join(self.groups[container.id][controller], name), "rb") as f:
+                return {"data": base64.b64encode(f.read(1 << 20)).decode()}
+        return super().cmd_readfile(msg)
+
+
+def become_namespace_init() -> None:
+    """In PID 1 of the new pid namespace: a /proc that shows it, no mount events back."""
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
+    sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the launcher
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="runv_py.hyperstart.hostagent")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--stream-fd", type=int, required=True)
+    parser.add_argument("--share", required=True)
+    parser.add_argument("--cgroup", action="append", default=[], help="CONTROLLER=DIR")
+    parser.add_argument("--name", default="", help="only for ps: which sandbox this is")
+    args = parser.parse_args(argv)
+    cgroups = dict(item.split("=", 1) for item in args.cgroup)
+    child = os.fork()
+    if child == 0:
+        try:
+            become_namespace_init()
+            HostAgent(args.control_fd, args.stream_fd, args.share, cgroups).run()
+            os._exit(0)
+        except BaseException as e:
+            a.log(f"fatal: {type(e).__name__}: {e}")
+            os._exit(1)
+    os.close(args.control_fd)
+    os.close(args.stream_fd)
+
+    def stop(*_):
+        try:
+            os.kill(child, signal.SIGKILL)  # PID 1 ignores anything else it has no handler for
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    return os.waitstatus_to_exitcode(status) & 0xFF
+
+
+if __name__ == "__main__":
+    sys.exit(main())
