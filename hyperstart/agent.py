@@ -16,6 +16,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import struct
 import sys
 import time
@@ -33,6 +34,7 @@ STREAM_HIGH_WATER = 1024 * 1024
 # agent closes them and reports the exit anyway.
 DRAIN_GRACE = 2.0
 
+PTY_MARKER = -2   # in a child's stdio tuple: "open a pty in the container"
 TIOCSCTTY = 0x540E
 TIOCSWINSZ = 0x5414
 RNDADDENTROPY = 0x40085203
@@ -131,6 +133,7 @@ class Process:
         self.exited_at = 0.0
         self.eof_position = 0     # stream bytes that must be sent before the exit event
         self.start_gate = -1      # write end that releases a created-but-not-started init
+        self.pty_channel = None   # socket on which the process sends its pty master
 
 
 class Container:
@@ -649,6 +652,8 @@ class Agent:
                     pass  # the pty slave appears three times
         pid_raw = read_all(pid_r)
         os.waitpid(helper, 0)
+        if proc.terminal:
+            self.receive_pty(proc)
         # The error pipe closes at exec (close-on-exec), when a gated process has finished
         # its set-up, or when set-up fails after writing why.
         error = read_all(err_r).decode(errors="replace")
@@ -666,15 +671,11 @@ class Agent:
     def make_stdio(self, proc: Process) -> tuple:
         """Pipes or a pty for the process; returns the child's (stdin, stdout, stderr)."""
         if proc.terminal:
-            master, slave = os.openpty()
-            size = proc.spec.get("consoleSize") or {}
-            if size:
-                set_winsize(master, size.get("height", 24), size.get("width", 80))
-            os.set_blocking(master, False)
-            proc.pty_master = proc.stdin_fd = master
-            proc.out_fds[master] = proc.seq_out
-            self.fd_owner[master] = proc
-            return (slave, slave, slave)
+            # The pty is opened by the process itself, from its container's own devpts,
+            # so that ttyname() works there; the master comes back over this socket.
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            proc.pty_channel = ours
+            return (PTY_MARKER, theirs.detach(), -1)
         if proc.seq_out:
             in_r, in_w = os.pipe()
             out_r, out_w = os.pipe()
@@ -693,6 +694,24 @@ class Agent:
         else:
             err_w = out_w
         return (in_r, out_w, err_w)
+
+    def receive_pty(self, proc: Process) -> None:
+        channel = proc.pty_channel
+        proc.pty_channel = None
+        channel.settimeout(30)
+        try:
+            _msg, fds, _flags, _addr = socket.recv_fds(channel, 16, 1)
+        except OSError:
+            fds = []
+        finally:
+            channel.close()
+        if not fds:
+            return  # set-up failed before the pty: the error pipe says why
+        master = fds[0]
+        os.set_blocking(master, False)
+        proc.pty_master = proc.stdin_fd = master
+        proc.out_fds[master] = proc.seq_out
+        self.fd_owner[master] = proc
 
     def discard_stdio(self, proc: Process) -> None:
         for fd in list(proc.out_fds):
@@ -735,6 +754,8 @@ class Agent:
             if init:
                 self.setup_rootfs(proc.container)
             os.setsid()
+            if stdio[0] == PTY_MARKER:
+                stdio = open_container_pty(stdio[1], spec.get("consoleSize") or {})
             for target, fd in enumerate(stdio):
                 os.dup2(fd, target)
             if proc.terminal:
@@ -843,6 +864,19 @@ def read_all(fd: int) -> bytes:
         chunks.append(data)
     os.close(fd)
     return b"".join(chunks)
+
+
+def open_container_pty(channel_fd: int, size: dict) -> tuple:
+    """In the container process: open a pty from the container's /dev/ptmx, send the
+    master to the agent, and return the slave as stdin, stdout and stderr."""
+    master, slave = os.openpty()
+    if size:
+        set_winsize(master, size.get("height", 24), size.get("width", 80))
+    channel = socket.socket(fileno=channel_fd)
+    socket.send_fds(channel, [b"pty"], [master])
+    channel.close()
+    os.close(master)
+    return (slave, slave, slave)
 
 
 def close_fds_except(keep: set) -> None:

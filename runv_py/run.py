@@ -69,6 +69,8 @@ def run(bundle_path: str, cid: str, root: str, config: BootConfig, driver_name: 
     """Run the bundle's process to completion; returns its exit status."""
     cid = oci.check_id(cid)
     bundle = oci.load(bundle_path)
+    from .lifecycle import sized_config
+    config = sized_config(bundle, config)
     driver = probe(driver_name)
     state = statedir.create(root, cid)
     sandbox = None

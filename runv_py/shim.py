@@ -36,12 +36,17 @@ def send_json(conn: socket.socket, message: dict) -> None:
     conn.sendall(json.dumps(message).encode() + b"\n")
 
 
-def host_pty(console_socket: str) -> int:
+def host_pty(console_socket: str, controlling: bool = False) -> int:
     """A host pty whose master goes to ``console_socket`` (SCM_RIGHTS, as runc does);
-    returns the slave, which the shim bridges to the guest's own pty."""
+    returns the slave, which the shim bridges to the guest's own pty. As the shim's
+    controlling terminal, the slave brings it SIGWINCH when the caller resizes."""
+    import fcntl
+    import termios
     import tty
     master, slave = os.openpty()
     tty.setraw(slave)
+    if controlling:
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
     try:
         with st.connect_unix(console_socket) as sock:
             socket.send_fds(sock, [b"/dev/ptmx"], [master])
@@ -90,6 +95,7 @@ class Shim:
         self.exit_status = VM_DIED_STATUS
         self.exec_count = 0
         self.tty_seq = 0
+        self.tty_fd = -1
         self.listener = None
         self.in_flight = 0
         self.idle = threading.Condition()
@@ -114,10 +120,12 @@ class Shim:
         if self.bundle.terminal:
             if not self.console_socket:
                 raise ShimError("terminal is true but no --console-socket was given")
-            slave = host_pty(self.console_socket)
+            slave = host_pty(self.console_socket, controlling=True)
             agent.attach(seq_out, fd_sink(slave))
             stdin, close_stdin = os.dup(slave), True
             self.tty_seq = seq_out
+            self.tty_fd = slave
+            signal.signal(signal.SIGWINCH, self.on_winch)
         else:
             agent.attach(seq_out, fd_sink(1))
             agent.attach(seq_err, fd_sink(2))
@@ -358,6 +366,19 @@ class Shim:
         self.wait_idle(5.0)
         self.teardown()
         return self.exit_status
+
+    def on_winch(self, _signum, _frame) -> None:
+        def resize():
+            try:
+                import fcntl
+                import struct
+                import termios
+                rows, cols = struct.unpack("HHHH", fcntl.ioctl(
+                    self.tty_fd, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+                self.sandbox.winsize(self.tty_seq, rows, cols)
+            except Exception:
+                pass
+        threading.Thread(target=resize, daemon=True).start()
 
     def forward_signal(self, signum, _frame) -> None:
         if self.sandbox is not None and self.record.get("status") == "running":

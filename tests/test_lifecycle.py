@@ -241,3 +241,73 @@ def test_twenty_containers_in_parallel(runv, bundle):
         t.join(230)
     assert not errors
     assert runv("list", "-q", check=True).stdout == b""
+
+
+def receive_console(listener, timeout=60) -> int:
+    import socket as sk
+    listener.settimeout(timeout)
+    conn, _ = listener.accept()
+    with conn:
+        _msg, fds, _flags, _addr = sk.recv_fds(conn, 1024, 1)
+    return fds[0]
+
+
+def read_until(fd: int, needle: bytes, timeout: float = 20) -> bytes:
+    import select
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while needle not in buf and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                buf += os.read(fd, 4096)
+            except OSError:
+                break
+    return buf
+
+
+def test_terminal_through_console_socket_and_resize(runv, bundle, tmp_path):
+    import fcntl
+    import socket as sk
+    import struct
+    import termios
+    path = str(tmp_path / "console.sock")
+    listener = sk.socket(sk.AF_UNIX, sk.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    cid = runv.id()
+    b = bundle(["sh"], process__terminal=True, process__consoleSize={"height": 30, "width": 100})
+    result = {}
+    t = threading.Thread(target=lambda: result.update(fd=receive_console(listener)))
+    t.start()
+    runv.detached("create", "--console-socket", path, "-b", b, cid)
+    t.join(60)
+    master = result["fd"]
+    runv("start", cid, check=True)
+    os.write(master, b"stty size; tty\n")
+    out = read_until(master, b"/dev/pts/0")
+    assert b"30 100" in out and b"/dev/pts/0" in out
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+    time.sleep(1)
+    os.write(master, b"stty size\n")
+    assert b"50 132" in read_until(master, b"50 132")
+    os.write(master, b"exit 4\n")
+    wait_status(runv, cid, "stopped")
+    os.close(master)
+    runv("delete", cid, check=True)
+    r = runv.detached("create", "-b", b, runv.id("nosock"), check=False)
+    assert r.returncode != 0 and b"console-socket" in r.stderr
+
+
+def test_resources_size_the_vm_and_rlimits_apply(runv, bundle):
+    b = bundle(["sh", "-c", "nproc; grep MemTotal /proc/meminfo; ulimit -n; id -G"],
+               linux__resources={"memory": {"limit": 512 * 1024 * 1024},
+                                 "cpu": {"quota": 200000, "period": 100000}},
+               process__rlimits=[{"type": "RLIMIT_NOFILE", "hard": 321, "soft": 123}],
+               process__user={"uid": 0, "gid": 0, "additionalGids": [7, 8]})
+    r = runv("run", "-b", b, runv.id(), check=True)
+    nproc, meminfo, nofile, groups = r.stdout.decode().splitlines()
+    assert nproc == "2"
+    assert int(meminfo.split()[1]) > 512 * 1024
+    assert nofile == "123"
+    assert set(groups.split()) >= {"7", "8"}
