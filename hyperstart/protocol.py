@@ -8,8 +8,12 @@ length counting the 12-byte header; an empty frame is end-of-file for that seque
 Codes follow hyperstart's api.h. Every command gets exactly one ACK or ERROR, in order;
 PROCESSASYNCEVENT is the only frame the guest sends unasked (besides READY).
 """
-import json
 import struct
+
+try:  # the C accelerator alone: the json package imports re, which is slow under TCG
+    import _json
+except ImportError:  # pragma: no cover - every CPython build has it
+    _json = None
 
 VERSION = 4242
 
@@ -56,9 +60,50 @@ class ProtocolError(Exception):
     """The peer sent bytes that are not a valid frame."""
 
 
+class _ScanContext:
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"),
+                      "NaN": float("nan")}.__getitem__
+    memo = {}
+
+
+def _not_serializable(obj):
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+if _json is not None:
+    _scan = _json.make_scanner(_ScanContext())
+    _encode = _json.make_encoder(None, _not_serializable, _json.encode_basestring_ascii,
+                                 None, ":", ",", False, False, True)
+
+    def json_dumps(obj) -> str:
+        """Compact JSON, as json.dumps(obj, separators=(",", ":")) writes it."""
+        return "".join(_encode(obj, 0))
+
+    def json_loads(text: str):
+        try:
+            obj, end = _scan(text.strip(), 0)
+        except StopIteration as e:
+            raise ValueError(f"expecting a JSON value at {e.value}") from None
+        if end != len(text.strip()):
+            raise ValueError(f"extra data at {end}")
+        return obj
+else:  # pragma: no cover
+    import json
+
+    def json_dumps(obj) -> str:
+        return json.dumps(obj, separators=(",", ":"))
+
+    json_loads = json.loads
+
+
 def encode_control(code: int, message=None) -> bytes:
     """One control frame; ``message`` is JSON-encoded (None gives an empty payload)."""
-    payload = b"" if message is None else json.dumps(message, separators=(",", ":")).encode()
+    payload = b"" if message is None else json_dumps(message).encode()
     return CONTROL_HEADER.pack(code, CONTROL_HEADER.size + len(payload)) + payload
 
 
@@ -72,8 +117,8 @@ def decode_message(payload: bytes):
     if not payload:
         return None
     try:
-        return json.loads(payload)
-    except ValueError as e:
+        return json_loads(payload.decode())
+    except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"bad JSON in control frame: {e}") from None
 
 

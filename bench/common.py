@@ -1,0 +1,44 @@
+"""Helpers shared by the benchmark scripts: timing, medians, busybox bundles, runc."""
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from runv_py.busybox_bundle import make_bundle  # noqa: E402
+
+RUNV = [sys.executable, "-m", "runv_py.cli"]
+
+
+def timed(cmd, **kw) -> float:
+    """Wall time of one command; raises if it fails."""
+    start = time.perf_counter()
+    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, **kw)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {result.stderr.decode()[-500:]}")
+    return elapsed
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def bundle(args, name="bench") -> str:
+    path = os.path.join(tempfile.mkdtemp(prefix=f"runv-{name}-"), "bundle")
+    make_bundle(path, args)
+    return path
+
+
+def have_runc() -> bool:
+    return shutil.which("runc") is not None
+
+
+def row(label: str, seconds: float, base: float = 0.0) -> str:
+    ratio = f"{seconds / base:6.2f}x" if base else ""
+    return f"  {label:<44} {seconds * 1000:9.1f} ms  {ratio}"
