@@ -5,7 +5,8 @@
 #   bash setup.sh --test [ARGS]   install everything, run the test suite (pytest ARGS)
 #   bash setup.sh                 install everything only
 #
-# Installs the Debian packages, the Python package (editable, with its test extra),
+# Installs the Debian packages, the Python package (editable, with its test and compare
+# extras: pytest, matplotlib),
 # builds the guest kernel (cached in /var/cache/runv-py, about 10 minutes the first time)
 # and the initrd, and installs both in /var/lib/runv-py.
 set -euo pipefail
@@ -28,7 +29,7 @@ if [ -n "$missing" ]; then
 fi
 
 echo "==> installing the runv-py Python package"
-"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test,compare]'
 
 bash kernel/build.sh
 "$PYTHON" -m runv_py.hyperstart.initrd

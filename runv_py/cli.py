@@ -329,5 +329,8 @@ def make_bundle(path, args, terminal):
     click.echo(path)
 
 
+from .compare import compare as _compare  # noqa: E402  (imports only click at start-up)
+main.add_command(_compare)
+
 if __name__ == "__main__":
     main()

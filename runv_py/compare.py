@@ -1,0 +1,28 @@
+"""`runv-py compare`: one bundle under the VM driver, the namespace driver and runc.
+
+The command only; the measuring (``compare_measure``) and the rendering
+(``compare_report``, matplotlib) are imported when it runs, so CLI start-up does not pay
+for them.
+"""
+import os
+
+import click
+
+
+@click.command("compare")
+@click.option("-b", "--bundle", required=True, help="OCI bundle to run under every runtime.")
+@click.option("--runs", default=10, show_default=True, type=click.IntRange(1, 1000),
+              help="Repetitions of each latency measurement.")
+@click.option("--out", "out_dir", default="runv-compare", show_default=True,
+              help="Directory for compare.json, compare.png and report.html.")
+@click.pass_obj
+def compare(opts, bundle: str, runs: int, out_dir: str) -> None:
+    """Compare VM isolation, namespace isolation and runc on one bundle."""
+    from . import compare_measure, compare_report
+    if not os.path.isfile(os.path.join(bundle, "config.json")):
+        raise click.ClickException(f"{bundle}: config.json not found")
+    results = compare_measure.compare_bundle(opts, bundle, runs, out_dir)
+    click.echo(compare_report.table(results))
+    png = compare_report.chart(results, os.path.join(out_dir, "compare.png"))
+    html = compare_report.html(results, png, os.path.join(out_dir, "report.html"))
+    click.echo(f"\nwrote {os.path.join(out_dir, 'compare.json')}, {png}, {html}")
