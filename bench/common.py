@@ -16,12 +16,15 @@ RUNV = [sys.executable, "-m", "runv_py.cli"]
 
 def timed(cmd, **kw) -> float:
     """Wall time of one command; raises if it fails."""
-    start = time.perf_counter()
-    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, **kw)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {result.stderr.decode()[-500:]}")
+    # stderr goes to a file: a detached shim or container keeps it open after we return.
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        result = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, **kw)
+        elapsed = time.perf_counter() - start
+        if result.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {err.read().decode()[-500:]}")
     return elapsed
 
 
