@@ -520,7 +520,10 @@ class Agent:
 
     def cmd_writefile(self, msg: dict):
         container = self.container(msg)
-        path = secure_join(self.container_root(container), msg["file"])
+        if msg.get("cgroup"):
+            path = os.path.join(container.cgroup, os.path.basename(msg["file"]))
+        else:
+            path = secure_join(self.container_root(container), msg["file"])
         with open(path, "wb") as f:
             f.write(binascii.a2b_base64(msg.get("data", "")))
         return None

@@ -42,7 +42,25 @@ def fail(message: str, code: int = 1):
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _ctr():
+    from .containerd.ctr import ctr as group
+    return group
+
+
+class LazyGroup(click.Group):
+    """Loads `ctr` (and grpc) only when it is used."""
+
+    def get_command(self, ctx, name):
+        if name == "ctr":
+            return _ctr()
+        return super().get_command(ctx, name)
+
+    def list_commands(self, ctx):
+        return sorted(super().list_commands(ctx) + ["ctr"])
+
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="runv-py")
 @click.option("--kernel", default="/var/lib/runv-py/kernel", show_default=True,
               envvar="RUNV_KERNEL", help="Guest kernel (uncompressed vmlinux).")
@@ -119,14 +137,24 @@ def run(opts, bundle, detach, pid_file, console_socket, container_id):
 @click.option("--console-socket", default="", help="Unix socket that receives the pty master.")
 @click.option("--no-pivot", is_flag=True, hidden=True)
 @click.option("--no-new-keyring", is_flag=True, hidden=True)
+@click.option("--stdio", default="", hidden=True, help="IN,OUT,ERR paths for the container's stdio.")
 @click.argument("container_id")
 @click.pass_obj
 @lifecycle_errors
-def create(opts, bundle, pid_file, console_socket, no_pivot, no_new_keyring, container_id):
+def create(opts, bundle, pid_file, console_socket, no_pivot, no_new_keyring, stdio, container_id):
     """Create a container in a new VM; its process waits for `start`."""
     from . import lifecycle
     lifecycle.create(opts.root, container_id, bundle, opts.boot_config(), opts.driver,
-                     pid_file, console_socket)
+                     pid_file, console_socket, stdio_paths=split_stdio(stdio))
+
+
+def split_stdio(value: str) -> tuple:
+    if not value:
+        return ()
+    parts = value.split(",")
+    if len(parts) != 3:
+        raise ValueError("--stdio takes IN,OUT,ERR")
+    return tuple(parts)
 
 
 @main.command()
@@ -230,12 +258,14 @@ def ps(opts, fmt, container_id, ps_args):
 @click.option("-u", "--user", default="", help="uid[:gid] to run as.")
 @click.option("--pid-file", default="", help="Write the process's host pid here.")
 @click.option("--console-socket", default="", help="Unix socket that receives the pty master.")
+@click.option("--exec-id", default="", hidden=True, help="Name of the process (daemon use).")
+@click.option("--stdio", default="", hidden=True, help="IN,OUT,ERR paths for the process's stdio.")
 @click.argument("container_id")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 @lifecycle_errors
-def exec(opts, process_file, tty, detach, cwd, env, user, pid_file, console_socket,
-         container_id, command):
+def exec(opts, process_file, tty, detach, cwd, env, user, pid_file, console_socket, exec_id,
+         stdio, container_id, command):
     """Run a process in a running container."""
     from . import lifecycle
     from .bundle import BundleError
@@ -266,7 +296,7 @@ def exec(opts, process_file, tty, detach, cwd, env, user, pid_file, console_sock
     raw = process.get("terminal") and not detach and not console_socket and os.isatty(0)
     with RawTerminal() if raw else _nothing():
         status = lifecycle.exec_process(opts.root, container_id, process, detach, pid_file,
-                                        console_socket)
+                                        console_socket, exec_id, split_stdio(stdio))
     sys.exit(status)
 
 
@@ -316,6 +346,27 @@ def probe(opts):
     info.update(kernel=opts.kernel, kernel_present=os.path.isfile(opts.kernel),
                 initrd=opts.initrd, initrd_present=os.path.isfile(opts.initrd))
     click.echo(json.dumps(info, indent=2))
+
+
+@main.command()
+@click.option("--state-dir", default="/run/runv-containerd/state", show_default=True,
+              help="Where the containers' state directories (and shims) live.")
+@click.option("--containerd-dir", default="/run/runv-containerd", show_default=True,
+              help="Daemon files: pid file, events.log, container records.")
+@click.option("--listen", default="", help="Unix socket (default: CONTAINERD_DIR/containerd.sock).")
+@click.option("--solo-namespaced", is_flag=True,
+              help="Stop when the last container has exited, removing the containerd dir.")
+@click.pass_obj
+def containerd(opts, state_dir, containerd_dir, listen, solo_namespaced):
+    """Run the gRPC containerd daemon (runV's containerd API)."""
+    from .containerd.server import serve
+    cli_args = ["--kernel", opts.kernel, "--initrd", opts.initrd,
+                "--default-cpus", str(opts.default_cpus), "--default-memory", str(opts.default_memory)]
+    if opts.driver:
+        cli_args += ["--driver", opts.driver]
+    sys.exit(serve(cli_args, os.path.abspath(state_dir), os.path.abspath(containerd_dir),
+                   listen or os.path.join(os.path.abspath(containerd_dir), "containerd.sock"),
+                   solo_namespaced))
 
 
 @main.command("make-bundle", hidden=True)

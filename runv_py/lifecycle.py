@@ -120,7 +120,8 @@ def sized_config(bundle: oci.Bundle, config):
 
 
 def create(root: str, cid: str, bundle_path: str, config, driver_name: str,
-           pid_file: str = "", console_socket: str = "", factory_maker=None) -> int:
+           pid_file: str = "", console_socket: str = "", factory_maker=None,
+           stdio_paths=()) -> int:
     from . import shim
     from .factory import BOOT_TIMEOUT
     oci.check_id(cid)
@@ -128,11 +129,12 @@ def create(root: str, cid: str, bundle_path: str, config, driver_name: str,
     if bundle.terminal and not console_socket:
         raise LifecycleError("cannot allocate a tty without --console-socket "
                              "(config.json has process.terminal: true)")
+    stdio_fds = open_stdio(stdio_paths)
     path = statedir.create(root, cid)
     try:
         with st.Lock(path):
             pid = shim.spawn(cid, path, bundle, sized_config(bundle, config), driver_name,
-                             console_socket, BOOT_TIMEOUT + 30, factory_maker)
+                             console_socket, BOOT_TIMEOUT + 30, factory_maker, stdio_fds)
             record = st.read(root, cid)
             try:
                 run_hooks(bundle.spec, "prestart", record, fatal=True)
@@ -146,6 +148,22 @@ def create(root: str, cid: str, bundle_path: str, config, driver_name: str,
     except BaseException:
         statedir.remove(path)
         raise
+
+
+def open_stdio(paths) -> tuple:
+    """Open the stdin, stdout and stderr paths (FIFOs, files; '' is /dev/null).
+
+    FIFOs are opened read-write so that opening never waits for the other end, and a
+    reader or writer that comes and goes does not end the stream."""
+    fds = []
+    for path in paths:
+        if not path:
+            fds.append(os.open(os.devnull, os.O_RDWR))
+            continue
+        if not os.path.exists(path):
+            raise LifecycleError(f"stdio path {path} does not exist")
+        fds.append(os.open(path, os.O_RDWR))
+    return tuple(fds)
 
 
 def write_pid_file(path: str, pid: int) -> None:
@@ -235,12 +253,17 @@ def resume(root: str, cid: str) -> None:
         simple_request(load(root, cid), {"op": "resume"})
 
 
+def shim_op(root: str, cid: str, op: str, **args) -> dict:
+    """One more request to a container's shim (signal, close_stdin, stats, update)."""
+    return simple_request(load(root, cid), dict(args, op=op))
+
+
 def processes(root: str, cid: str) -> list:
     return simple_request(load(root, cid), {"op": "ps"})["processes"]
 
 
 def exec_process(root: str, cid: str, process: dict, detach: bool, pid_file: str = "",
-                 console_socket: str = "") -> int:
+                 console_socket: str = "", exec_id: str = "", stdio_paths=()) -> int:
     """Run ``process`` in the container. Foreground: forward stdio and return its exit
     status. Detached: fork a holder process that lives as long as the process and exits
     with its status (its pid goes to --pid-file), and return 0."""
@@ -248,8 +271,15 @@ def exec_process(root: str, cid: str, process: dict, detach: bool, pid_file: str
     if record["status"] != "running":
         raise LifecycleError(f"cannot exec in a container that is {record['status']}")
     oci.check_process(process)
-    request = {"op": "exec", "process": process, "console_socket": console_socket}
-    reply, sock = shim_request(record, request, fds=(0, 1, 2))
+    request = {"op": "exec", "process": process, "console_socket": console_socket,
+               "exec_id": exec_id}
+    fds = open_stdio(stdio_paths) if stdio_paths else (0, 1, 2)
+    try:
+        reply, sock = shim_request(record, request, fds=fds)
+    finally:
+        if stdio_paths:
+            for fd in fds:
+                os.close(fd)
     sock.settimeout(None)
     if detach:
         holder = os.fork()

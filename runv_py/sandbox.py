@@ -97,6 +97,16 @@ class Sandbox:
     def processes(self, cid: str) -> list:
         return self.agent.request(p.PROCESSLIST, {"container": cid})["processes"]
 
+    def read_cgroup(self, cid: str, name: str) -> str:
+        import base64
+        reply = self.agent.request(p.READFILE, {"container": cid, "file": name, "cgroup": True})
+        return base64.b64decode(reply["data"]).decode(errors="replace")
+
+    def write_cgroup(self, cid: str, name: str, value: str) -> None:
+        import base64
+        self.agent.request(p.WRITEFILE, {"container": cid, "file": name, "cgroup": True,
+                                         "data": base64.b64encode(value.encode()).decode()})
+
     def unmount_all(self) -> None:
         while self.mounts:
             target = self.mounts.pop()

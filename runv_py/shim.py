@@ -97,6 +97,7 @@ class Shim:
         self.tty_seq = 0
         self.tty_fd = -1
         self.listener = None
+        self.execs = {}          # exec id -> {"seq", "stdin"}
         self.in_flight = 0
         self.idle = threading.Condition()
 
@@ -132,6 +133,7 @@ class Shim:
             stdin, close_stdin = 0, False
         process = oci.process_message(self.bundle.process, "init", seq_out, seq_err)
         self.guest_pid = sandbox.create_container(self.cid, self.bundle, process, wait=True)
+        self.init_seq = seq_out
         # Only now does the agent know the stream: earlier stdin would be dropped.
         pump(agent, seq_out, stdin, close=close_stdin)
         threading.Thread(target=self.watch_vm, name="vm-watch", daemon=True).start()
@@ -277,8 +279,50 @@ class Shim:
         return {"processes": self.sandbox.processes(self.cid)}
 
     def op_winsize(self, request, fds, conn) -> dict:
-        seq = request.get("seq") or self.tty_seq
+        exec_id = request.get("exec_id")
+        if exec_id and exec_id != "init":
+            seq = self.execs.get(exec_id, {}).get("seq")
+        else:
+            seq = request.get("seq") or self.tty_seq
+        if not seq:
+            raise ShimError("that process has no terminal")
         self.sandbox.winsize(seq, request["rows"], request["cols"])
+        return {}
+
+    def op_signal(self, request, fds, conn) -> dict:
+        """Signal one exec'd process (``init`` is the container's own)."""
+        self.require("running")
+        exec_id = request.get("exec_id") or "init"
+        if exec_id != "init" and exec_id not in self.execs:
+            raise ShimError(f"no such process {exec_id!r} in container {self.cid}")
+        self.sandbox.signal_process(self.cid, exec_id, int(request["signal"]))
+        return {}
+
+    def op_close_stdin(self, request, fds, conn) -> dict:
+        exec_id = request.get("exec_id") or "init"
+        seq = self.record.get("init_seq") if exec_id == "init" else self.execs.get(exec_id, {}).get("seq")
+        if not seq:
+            raise ShimError(f"no such process {exec_id!r} in container {self.cid}")
+        self.sandbox.agent.close_stdin(seq)
+        return {}
+
+    def op_stats(self, request, fds, conn) -> dict:
+        """The container's cgroup figures, read inside the guest."""
+        self.require("running", "created")
+        stats = {}
+        for name in ("memory.current", "memory.max", "memory.stat", "cpu.stat", "pids.current",
+                     "pids.max", "memory.events"):
+            try:
+                stats[name] = self.sandbox.read_cgroup(self.cid, name)
+            except AgentError:
+                stats[name] = ""
+        return {"stats": stats}
+
+    def op_update(self, request, fds, conn) -> dict:
+        """New resource limits, written into the container's cgroup in the guest."""
+        self.require("running", "created", "paused")
+        for name, value in (request.get("cgroup") or {}).items():
+            self.sandbox.write_cgroup(self.cid, name, str(value))
         return {}
 
     def op_shutdown(self, request, fds, conn) -> dict:
@@ -295,6 +339,9 @@ class Shim:
         with self.lock:
             self.exec_count += 1
             exec_id = request.get("exec_id") or f"exec-{self.exec_count}"
+            if exec_id in self.execs or exec_id == "init":
+                raise ShimError(f"process {exec_id!r} already exists")
+            self.execs[exec_id] = {"seq": 0}
         seq_out = agent.new_seq()
         seq_err = 0 if terminal else agent.new_seq()
         console = request.get("console_socket")
@@ -317,13 +364,20 @@ class Shim:
         except Exception:
             for fd in owned + [stdin]:
                 os.close(fd)
+            self.execs.pop(exec_id, None)
             raise
+        self.execs[exec_id] = {"seq": seq_out, "pid": pid}
+        with self.lock:
+            self.update(execs={k: v.get("pid", 0) for k, v in self.execs.items()})
         pump(agent, seq_out, stdin)
         send_json(conn, {"ok": True, "pid": pid, "exec_id": exec_id, "seq": seq_out})
         event = agent.wait_exit(self.cid, exec_id, (seq_out, seq_err))
         for fd in owned:
             os.close(fd)
         status = int(event["status"]) if event else VM_DIED_STATUS
+        with self.lock:
+            exits = dict(self.record.get("exec_exits") or {}, **{exec_id: status})
+            self.update(exec_exits=exits)
         try:
             send_json(conn, {"exit": status})
         except OSError:
@@ -345,7 +399,7 @@ class Shim:
                 "guest_pid": self.guest_pid, "bundle": self.bundle.path,
                 "rootfs": self.bundle.rootfs, "created": st.now_rfc3339(), "owner": "root",
                 "annotations": self.bundle.annotations, "qemu_pid": self.sandbox.vm.pid,
-                "tty_seq": self.tty_seq,
+                "tty_seq": self.tty_seq, "init_seq": self.init_seq,
             }
             st.write(self.path, self.record)
             self.listen()
@@ -400,8 +454,10 @@ class Shim:
 
 
 def spawn(cid: str, path: str, bundle: oci.Bundle, config, driver_name: str,
-          console_socket: str, timeout: float, factory_maker=None) -> int:
-    """Fork the shim and wait until it has created the container; returns its pid."""
+          console_socket: str, timeout: float, factory_maker=None, stdio_fds=()) -> int:
+    """Fork the shim and wait until it has created the container; returns its pid.
+
+    The container's stdio are the caller's fds 0, 1, 2, or ``stdio_fds`` when given."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -409,6 +465,8 @@ def spawn(cid: str, path: str, bundle: oci.Bundle, config, driver_name: str,
         try:
             os.close(read_end)
             os.setsid()
+            for target, fd in enumerate(stdio_fds):
+                os.dup2(fd, target)
             # Keep only stdio and the report pipe: an inherited lock or socket of the
             # CLI must not live on in the shim.
             os.closerange(3, write_end)
