@@ -129,12 +129,13 @@ class NamespaceVM:
         cmd = [sys.executable, "-m", "runv_py.hyperstart.hostagent",
                "--control-fd", str(ctl_agent.fileno()), "--stream-fd", str(stream_agent.fileno()),
                "--share", self.share_dir, "--name", f"runv-py:{self.name}"]
-        cmd += [f"--cgroup={c}={path}" for c, path in self.cgroups.items() if c != "freezer"]
+        cmd += [f"--cgroup={c}={path}" for c, path in self.cgroups.items()]
         procs = [os.path.join(path, "cgroup.procs") for path in self.cgroups.values()]
 
         def enter():  # in the child, before exec
             import ctypes
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            # If we die, the launcher kills the agent and removes the cgroups (SIGTERM).
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
             for path in procs:
                 with open(path, "w") as f:
                     f.write("0")

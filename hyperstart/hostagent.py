@@ -20,6 +20,7 @@ import base64
 import os
 import signal
 import sys
+import time
 
 from . import agent as a
 from . import syscalls as sc
@@ -32,6 +33,11 @@ V1_FILES = {"memory.current": ("memory", "memory.usage_in_bytes"),
             "memory.stat": ("memory", "memory.stat"),
             "pids.current": ("pids", "pids.current"), "pids.max": ("pids", "pids.max"),
             "cpu.stat": ("cpu", "cpu.stat")}
+# runc's defaults: a container sharing the host's kernel must not reach these through
+# its own /proc (in a VM they belong to the guest's kernel, so the guest keeps them).
+PROC_READONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")
+PROC_MASKED = ("acpi", "asound", "kcore", "keys", "latency_stats", "timer_list",
+               "timer_stats", "sched_debug", "scsi")
 
 
 def write_file(path: str, data: str) -> None:
@@ -122,6 +128,11 @@ class HostAgent(a.Agent):
                 pass
         self.oom.pop(container.id, None)
 
+    def mount_one(self, root: str, m: dict) -> None:
+        super().mount_one(root, m)
+        if m.get("type") == "proc" and m.get("destination", "").rstrip("/") == "/proc":
+            protect_proc(a.secure_join(root, "/proc"))
+
     def cmd_readfile(self, msg: dict) -> dict:
         if msg.get("cgroup"):
             container = self.container(msg)
@@ -133,11 +144,53 @@ class HostAgent(a.Agent):
         return super().cmd_readfile(msg)
 
 
+def protect_proc(proc: str) -> None:
+    """Make the host kernel's knobs in a container's /proc read-only or invisible."""
+    for name in PROC_READONLY:
+        path = os.path.join(proc, name)
+        if os.path.exists(path):
+            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+            sc.mount(None, path, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
+    for name in PROC_MASKED:
+        path = os.path.join(proc, name)
+        if os.path.isdir(path):
+            sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY)
+        elif os.path.exists(path):
+            sc.mount("/dev/null", path, None, sc.MS_BIND)
+
+
 def become_namespace_init() -> None:
     """In PID 1 of the new pid namespace: a /proc that shows it, no mount events back."""
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
     sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the launcher
+
+
+def remove_cgroups(cgroups: dict, timeout: float = 5.0) -> None:
+    """Leave the sandbox's cgroups and remove them with what the agent left in them.
+
+    Done here, not only by the driver, so that a runtime killed with SIGKILL (this
+    process then gets SIGTERM as its parent-death signal) leaks no cgroup either."""
+    for path in cgroups.values():
+        try:
+            write_file(os.path.join(os.path.dirname(path), "cgroup.procs"), "0")
+        except OSError:
+            pass
+    deadline = time.monotonic() + timeout
+    for path in cgroups.values():
+        while os.path.isdir(path):
+            try:
+                for root, dirs, _ in os.walk(path, topdown=False):
+                    for d in dirs:
+                        os.rmdir(os.path.join(root, d))
+                os.rmdir(path)
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    a.log(f"cannot remove cgroup {path}")
+                    break
+                time.sleep(0.02)  # the killed tasks are still exiting
 
 
 def main(argv=None) -> int:
@@ -149,11 +202,12 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="", help="only for ps: which sandbox this is")
     args = parser.parse_args(argv)
     cgroups = dict(item.split("=", 1) for item in args.cgroup)
+    agent_cgroups = {c: p for c, p in cgroups.items() if c != "freezer"}
     child = os.fork()
     if child == 0:
         try:
             become_namespace_init()
-            HostAgent(args.control_fd, args.stream_fd, args.share, cgroups).run()
+            HostAgent(args.control_fd, args.stream_fd, args.share, agent_cgroups).run()
             os._exit(0)
         except BaseException as e:
             a.log(f"fatal: {type(e).__name__}: {e}")
@@ -175,6 +229,7 @@ def main(argv=None) -> int:
             break
         except InterruptedError:
             continue
+    remove_cgroups(cgroups)
     return os.waitstatus_to_exitcode(status) & 0xFF
 
 

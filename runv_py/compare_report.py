@@ -72,6 +72,7 @@ def chart(results: dict, path: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     names = [n for n, d in results["runtimes"].items() if d["measures"]]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
@@ -85,6 +86,15 @@ def chart(results: dict, path: str) -> str:
         ax.set_xticks(range(1, len(names) + 1))
         ax.set_xticklabels([n.replace("runv-py ", "runv-py\n") for n in names], fontsize=8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        for i, (name, values) in enumerate(zip(names, data), start=1):
+            median = results["runtimes"][name]["measures"].get(key, {}).get("median")
+            if median is not None:
+                ax.annotate(f"{median:.0f} ms", (i, max(values)), textcoords="offset points",
+                            xytext=(0, 5), ha="center", fontsize=8)
+        ax.margins(y=0.15)
         ax.set_ylabel("ms (log scale)")
         ax.set_title(results["measures"][key]["label"], fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.3)
