@@ -7,7 +7,7 @@ import threading
 
 from . import bundle as oci
 from . import statedir
-from .agent_client import AgentError, fd_sink
+from .agent_client import AgentError, fd_sink, pump_stdin
 from .drivers import DriverError, probe
 from .factory import BootConfig, DirectFactory
 from .sandbox import Sandbox, private_mount_namespace
@@ -20,20 +20,6 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 
 class RunError(Exception):
     """The container could not be run; the text says why."""
-
-
-def forward_stdin(agent, seq: int, fd: int = 0) -> None:
-    def pump():
-        try:
-            while True:
-                data = os.read(fd, 65536)
-                if not data:
-                    break
-                agent.write_stdin(seq, data)
-            agent.close_stdin(seq)
-        except OSError:
-            pass
-    threading.Thread(target=pump, name="stdin", daemon=True).start()
 
 
 class RawTerminal:
@@ -93,7 +79,7 @@ def run(bundle_path: str, cid: str, root: str, config: BootConfig, driver_name: 
                 process["consoleSize"] = {"height": size[0], "width": size[1]}
         sandbox.create_container(cid, bundle, process)
         with RawTerminal() if terminal else _nothing():
-            forward_stdin(agent, seq_out)
+            pump_stdin(agent, seq_out, 0, close=False)
             install_signal_forwarding(sandbox, cid, seq_out if terminal else 0)
             event = agent.wait_exit(cid, "init", (seq_out, seq_err))
         if event is None:

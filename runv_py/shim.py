@@ -16,7 +16,7 @@ import threading
 
 from . import bundle as oci
 from . import state as st
-from .agent_client import AgentError, fd_sink
+from .agent_client import AgentError, fd_sink, pump_stdin
 from .drivers import DriverError, probe
 from .hyperstart import syscalls
 from .sandbox import Sandbox, private_mount_namespace
@@ -56,26 +56,6 @@ def host_pty(console_socket: str, controlling: bool = False) -> int:
     finally:
         os.close(master)
     return slave
-
-
-def pump(agent, seq: int, fd: int, close: bool = True) -> None:
-    """Forward ``fd`` to the stdin of stream ``seq`` until end-of-file."""
-    def run():
-        try:
-            while True:
-                data = os.read(fd, 65536)
-                if not data:
-                    break
-                agent.write_stdin(seq, data)
-            agent.close_stdin(seq)
-        except OSError:
-            pass
-        if close:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-    threading.Thread(target=run, name=f"stdin-{seq}", daemon=True).start()
 
 
 class Shim:
@@ -135,7 +115,7 @@ class Shim:
         self.guest_pid = sandbox.create_container(self.cid, self.bundle, process, wait=True)
         self.init_seq = seq_out
         # Only now does the agent know the stream: earlier stdin would be dropped.
-        pump(agent, seq_out, stdin, close=close_stdin)
+        pump_stdin(agent, seq_out, stdin, close=close_stdin)
         threading.Thread(target=self.watch_vm, name="vm-watch", daemon=True).start()
 
     def watch_vm(self) -> None:
@@ -369,7 +349,7 @@ class Shim:
         self.execs[exec_id] = {"seq": seq_out, "pid": pid}
         with self.lock:
             self.update(execs={k: v.get("pid", 0) for k, v in self.execs.items()})
-        pump(agent, seq_out, stdin)
+        pump_stdin(agent, seq_out, stdin)
         send_json(conn, {"ok": True, "pid": pid, "exec_id": exec_id, "seq": seq_out})
         event = agent.wait_exit(self.cid, exec_id, (seq_out, seq_err))
         for fd in owned:
