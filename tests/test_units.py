@@ -84,3 +84,20 @@ def test_probe_missing_qemu(monkeypatch, tmp_path):
     monkeypatch.setenv("RUNV_QEMU", str(tmp_path / "nothing"))
     with pytest.raises(DriverError, match="not found"):
         probe("qemu-tcg")
+
+
+def test_cli_start_up_imports_no_heavy_modules(tmp_path):
+    """`state`, `list` and friends must not pay for grpc, protobuf, QMP or asyncio."""
+    import subprocess
+    import sys
+    code = ("import sys, runpy\n"
+            "sys.argv = ['runv-py', '--root', sys.argv[1], 'list']\n"
+            "try:\n    runpy.run_module('runv_py.cli', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "heavy = [m for m in ('grpc', 'google.protobuf', 'qemu.qmp', 'asyncio', 'matplotlib')"
+            " if m in sys.modules]\n"
+            "print('HEAVY:' + ','.join(heavy))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY:"
