@@ -185,6 +185,7 @@ class Agent:
             p.WRITEFILE: self.cmd_writefile, p.READFILE: self.cmd_readfile,
             p.PROCESSLIST: self.cmd_processlist, p.RESEED: self.cmd_reseed,
             p.STARTCONTAINER: self.cmd_startcontainer,
+            p.STREAMCLOSED: self.cmd_streamclosed,
         }
 
     # ---- channel output -------------------------------------------------------------
@@ -509,6 +510,16 @@ class Agent:
             self.by_seq.pop(proc.seq_out, None)
         self.remove_cgroup(container)
         del self.containers[container.id]
+        return None
+
+    def cmd_streamclosed(self, msg: dict):
+        """The host's reader of stream ``seq`` went away: close the process's end too, so
+        that it gets EPIPE (or SIGPIPE) as it would writing to a closed pipe on the host."""
+        seq = msg.get("seq", 0)
+        for proc in list(self.by_pid.values()):
+            for fd, s in list(proc.out_fds.items()):
+                if s == seq:
+                    self.close_output(proc, fd)
         return None
 
     def cmd_winsize(self, msg: dict):

@@ -154,6 +154,12 @@ class AgentClient:
         with self.stream_lock:
             self.stream.sendall(p.encode_stream(seq, b""))
 
+    def _stream_closed(self, seq: int) -> None:
+        try:
+            self.request(p.STREAMCLOSED, {"seq": seq}, timeout=10)
+        except AgentError:
+            pass
+
     def _read_stream(self) -> None:
         reader = p.FrameReader(p.STREAM_HEADER)
         try:
@@ -167,7 +173,11 @@ class AgentClient:
                         try:
                             sink(chunk)
                         except OSError:
-                            self.sinks[seq] = None  # the reader went away: drop the rest
+                            # The reader went away: drop the rest, and let the writer in
+                            # the guest find its pipe closed.
+                            self.sinks[seq] = None
+                            threading.Thread(target=self._stream_closed, args=(seq,),
+                                             daemon=True).start()
                     if not chunk:
                         with self.cond:
                             self.eofs.add(seq)

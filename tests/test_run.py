@@ -6,6 +6,7 @@ import os
 import platform
 import signal
 import subprocess
+import subprocess
 import time
 
 import pytest
@@ -93,6 +94,17 @@ def test_large_stdout_is_byte_identical_and_stderr_separate(runv, bundle, tmp_pa
     r = runv("run", "-b", bundle(["sh", "-c", script]), runv.id(), check=True)
     assert len(r.stdout) == 20971520
     assert hashlib.sha256(r.stdout).hexdigest() == r.stderr.decode().strip()
+
+
+def test_flood_into_a_closed_pipe_ends(runv, bundle):
+    # `runv-py run ... yes | head -c 1000`: once head has gone, yes must find its pipe
+    # closed as it would under runc, instead of flooding into the void forever. As PID 1
+    # of its pid namespace it ignores SIGPIPE (as under runc) and dies of EPIPE.
+    cmd = " ".join(runv.args("run", "-b", bundle(["yes"]), runv.id()))
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} | head -c 1000 | wc -c"],
+                       capture_output=True, timeout=60)
+    assert r.stdout.strip() == b"1000"
+    assert r.returncode == 1 and b"Broken pipe" in r.stderr
 
 
 def test_env_cwd_args(runv, bundle):
