@@ -1,0 +1,204 @@
+"""containerd-shim-runvpy-v2 under a real containerd 1.6: `ctr run --runtime
+io.containerd.runvpy.v2` boots a real QEMU VM per task.
+
+A private containerd (own root, state, sockets, config; CRI disabled) runs with the shim
+on its PATH; the busybox OCI image is built here and imported with `ctr images import`.
+"""
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sysconfig
+import tarfile
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from conftest import qemu_pids
+from runv_py.busybox_bundle import make_bundle
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300),
+              pytest.mark.skipif(not shutil.which("containerd") or not shutil.which("ctr"),
+                                 reason="containerd is not installed (apt-get install containerd)")]
+
+RUNTIME = "io.containerd.runvpy.v2"
+IMAGE = "docker.io/runvpy/busybox:test"
+NAMESPACE = "runvtest"
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def build_image(path: str, work: str) -> None:
+    """An OCI image tar: one uncompressed layer with a busybox rootfs."""
+    bundle = make_bundle(os.path.join(work, "bundle"), ["sh"])
+    layer_buf = io.BytesIO()
+    with tarfile.open(fileobj=layer_buf, mode="w") as tar:
+        rootfs = os.path.join(bundle, "rootfs")
+        for name in sorted(os.listdir(rootfs)):
+            tar.add(os.path.join(rootfs, name), arcname=name)
+    layer = layer_buf.getvalue()
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [digest(layer)]},
+    }).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest(layer), "size": len(layer)}],
+    }).encode()
+    index = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": digest(manifest), "size": len(manifest),
+                       "platform": {"architecture": "amd64", "os": "linux"},
+                       "annotations": {"io.containerd.image.name": IMAGE,
+                                       "org.opencontainers.image.ref.name": "test"}}],
+    }).encode()
+    with tarfile.open(path, "w") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        add("oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+        add("index.json", index)
+        for blob in (layer, config, manifest):
+            add("blobs/sha256/" + digest(blob).split(":")[1], blob)
+
+
+class Containerd:
+    """A private containerd; ctr() talks to it."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.sock = os.path.join(base, "c.sock")
+        self.logs = os.path.join(base, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.config = os.path.join(base, "config.toml")
+        with open(self.config, "w") as f:
+            f.write(f'version = 2\nroot = "{base}/root"\nstate = "{base}/state"\n'
+                    'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+                    f'[grpc]\n  address = "{self.sock}"\n'
+                    f'[ttrpc]\n  address = "{self.sock}.ttrpc"\n')
+        self.proc = None
+
+    def start(self) -> None:
+        env = dict(os.environ, RUNVPY_SHIM_LOG_DIR=self.logs,
+                   PATH=sysconfig.get_path("scripts") + ":" + os.environ.get("PATH", ""))
+        log = open(os.path.join(self.logs, "containerd.log"), "ab")
+        self.proc = subprocess.Popen(["containerd", "--config", self.config], env=env,
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if os.path.exists(self.sock) and self.ctr("version", timeout=10).returncode == 0:
+                return
+            assert self.proc.poll() is None, self.log_tail()
+            time.sleep(0.2)
+        raise AssertionError("containerd did not come up: " + self.log_tail())
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def ctr(self, *args, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        return subprocess.run(["ctr", "-a", self.sock, "-n", NAMESPACE, *args],
+                              capture_output=True, text=True, timeout=timeout, **kw)
+
+    def check(self, *args, **kw) -> str:
+        r = self.ctr(*args, **kw)
+        assert r.returncode == 0, f"ctr {' '.join(args)}: {r.returncode} {r.stdout} {r.stderr}"
+        return r.stdout
+
+    def task_status(self, cid: str) -> str:
+        for line in self.check("task", "ls").splitlines()[1:]:
+            parts = line.split()
+            if parts and parts[0] == cid:
+                return parts[-1]
+        return ""
+
+    def wait_status(self, cid: str, want: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.task_status(cid) == want:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{cid} never became {want}: {self.check('task', 'ls')}")
+
+    def log_tail(self) -> str:
+        out = []
+        for name in sorted(os.listdir(self.logs)):
+            with open(os.path.join(self.logs, name), errors="replace") as f:
+                out.append(f"--- {name}\n" + f.read()[-3000:])
+        return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def image_tar(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("image"))
+    path = os.path.join(work, "busybox.tar")
+    build_image(path, work)
+    return path
+
+
+@pytest.fixture
+def containerd(image_tar):
+    """A fresh containerd per test (its state is tiny), torn down with every task it
+    ran; the test fails if a QEMU or a mount outlives it."""
+    base = tempfile.mkdtemp(prefix="rvctd-", dir="/tmp")
+    c = Containerd(base)
+    c.tag = uuid.uuid4().hex[:8]
+    c.start()
+    try:
+        c.check("images", "import", image_tar)
+        yield c
+    finally:
+        if c.proc.poll() is None:
+            for line in c.ctr("task", "ls").stdout.splitlines()[1:]:
+                cid = line.split()[0]
+                c.ctr("task", "kill", "-s", "KILL", cid, timeout=30)
+                c.ctr("task", "rm", "-f", cid, timeout=60)
+            for cid in c.ctr("containers", "ls", "-q").stdout.split():
+                c.ctr("containers", "rm", cid, timeout=30)
+        c.stop()
+        deadline = time.monotonic() + 10
+        while qemu_pids(c.tag) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        leaked = qemu_pids(c.tag)
+        for pid in leaked:
+            os.kill(pid, signal.SIGKILL)
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line for line in f if base in line]
+        for line in mounts:
+            subprocess.run(["umount", "-l", line.split()[4]], capture_output=True)
+        logs = c.log_tail()
+        shutil.rmtree(base, ignore_errors=True)
+        assert not leaked, f"QEMU processes leaked: {leaked}\n{logs}"
+        assert not mounts, f"mounts leaked: {mounts}"
+
+
+def test_run_rm_prints_guest_kernel_and_exit_status(containerd):
+    cid = f"rm-{containerd.tag}"
+    r = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, cid,
+                       "sh", "-c", "uname -r; exit 3")
+    assert r.returncode == 3, f"{r.stdout} {r.stderr}\n{containerd.log_tail()}"
+    release = r.stdout.strip()
+    assert release.startswith("6.1") and release != os.uname().release, r.stdout
+    print(release)
+    assert containerd.check("containers", "ls", "-q").split() == []
+    assert not qemu_pids(containerd.tag)
