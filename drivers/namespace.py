@@ -118,7 +118,7 @@ class NamespaceVM:
 
     def start(self, config) -> None:
         from ..hyperstart import syscalls as sc
-        self.cgroups = self.make_cgroups(config)
+        self.cgroups = self.cgroup_paths()
         # A shared mount: later rootfs binds under it reach the agent's namespace.
         sc.mount(self.share_dir, self.share_dir, None, sc.MS_BIND)
         self.share_mounted = True
@@ -130,15 +130,18 @@ class NamespaceVM:
                "--control-fd", str(ctl_agent.fileno()), "--stream-fd", str(stream_agent.fileno()),
                "--share", self.share_dir, "--name", f"runv-py:{self.name}"]
         cmd += [f"--cgroup={c}={path}" for c, path in self.cgroups.items()]
-        procs = [os.path.join(path, "cgroup.procs") for path in self.cgroups.values()]
+        # Capped like the VM it stands in for: its memory and its vCPUs.
+        cmd += [f"--memory={config.memory_mib * 1024 * 1024}", f"--cpus={config.cpus}"]
+        parent = os.getpid()
 
         def enter():  # in the child, before exec
             import ctypes
-            # If we die, the launcher kills the agent and removes the cgroups (SIGTERM).
+            # If we die, the launcher kills the agent and removes the cgroups: SIGTERM,
+            # blocked until its handler is in place.
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])
             ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            for path in procs:
-                with open(path, "w") as f:
-                    f.write("0")
+            if os.getppid() != parent:
+                os._exit(1)  # the runtime died before the parent-death signal was set
             sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET
                        | sc.CLONE_NEWPID)
 
@@ -154,25 +157,14 @@ class NamespaceVM:
                 stream_agent.close()
         self.pid = self.process.pid
 
-    def make_cgroups(self, config) -> dict:
+    def cgroup_paths(self) -> dict:
+        """The sandbox's cgroup per controller (the launcher creates and removes them)."""
         dirs = v1_cgroup_dirs()
         if "memory" not in dirs:
             raise DriverError("the namespace driver needs the cgroup v1 memory controller "
                               "(none mounted here)")
         safe = self.name.replace("/", "_").replace(":", "_")
-        out = {}
-        for controller, own in dirs.items():
-            path = os.path.join(own, CGROUP_PARENT, safe)
-            os.makedirs(path, exist_ok=True)
-            out[controller] = path
-        # Cap the sandbox like the VM it stands in for: its memory and its vCPUs.
-        limit = str(config.memory_mib * 1024 * 1024)
-        with open(os.path.join(out["memory"], "memory.limit_in_bytes"), "w") as f:
-            f.write(limit)
-        if "cpu" in out:
-            with open(os.path.join(out["cpu"], "cpu.cfs_quota_us"), "w") as f:
-                f.write(str(config.cpus * 100000))
-        return out
+        return {c: os.path.join(own, CGROUP_PARENT, safe) for c, own in dirs.items()}
 
     def channels(self) -> tuple:
         """The host ends of the control and stream channels (handed out once)."""

@@ -193,36 +193,68 @@ def remove_cgroups(cgroups: dict, timeout: float = 5.0) -> None:
                 time.sleep(0.02)  # the killed tasks are still exiting
 
 
+def make_cgroups(cgroups: dict, memory_bytes: int, cpus: int) -> None:
+    """Create the sandbox's cgroups, capped like the VM it stands in for, and join them."""
+    for path in cgroups.values():
+        os.makedirs(path, exist_ok=True)
+    if memory_bytes and "memory" in cgroups:
+        write_file(os.path.join(cgroups["memory"], "memory.limit_in_bytes"), str(memory_bytes))
+    if cpus and "cpu" in cgroups:
+        write_file(os.path.join(cgroups["cpu"], "cpu.cfs_quota_us"), str(cpus * 100000))
+    for path in cgroups.values():
+        write_file(os.path.join(path, "cgroup.procs"), "0")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="runv_py.hyperstart.hostagent")
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--stream-fd", type=int, required=True)
     parser.add_argument("--share", required=True)
     parser.add_argument("--cgroup", action="append", default=[], help="CONTROLLER=DIR")
+    parser.add_argument("--memory", type=int, default=0, help="sandbox memory limit, bytes")
+    parser.add_argument("--cpus", type=int, default=0, help="sandbox CPU quota, in CPUs")
     parser.add_argument("--name", default="", help="only for ps: which sandbox this is")
     args = parser.parse_args(argv)
     cgroups = dict(item.split("=", 1) for item in args.cgroup)
     agent_cgroups = {c: p for c, p in cgroups.items() if c != "freezer"}
+    # The driver starts us with SIGTERM blocked (it is also our parent-death signal): one
+    # that came early waits until the handler below can kill the agent and clean up.
+    state = {"child": 0, "stop": False}
+
+    def stop(*_):
+        state["stop"] = True
+        if state["child"]:
+            try:
+                os.kill(state["child"], signal.SIGKILL)  # PID 1 ignores other signals
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        make_cgroups(cgroups, args.memory, args.cpus)
+    except OSError as e:
+        a.log(f"fatal: cannot set up the sandbox's cgroups: {e}")
+        remove_cgroups(cgroups)
+        return 1
     child = os.fork()
     if child == 0:
         try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])  # containers inherit the mask
             become_namespace_init()
             HostAgent(args.control_fd, args.stream_fd, args.share, agent_cgroups).run()
             os._exit(0)
         except BaseException as e:
             a.log(f"fatal: {type(e).__name__}: {e}")
             os._exit(1)
+    state["child"] = child
     os.close(args.control_fd)
     os.close(args.stream_fd)
-
-    def stop(*_):
-        try:
-            os.kill(child, signal.SIGKILL)  # PID 1 ignores anything else it has no handler for
-        except ProcessLookupError:
-            pass
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM, signal.SIGINT])
+    if state["stop"]:
+        stop()
     while True:
         try:
             _, status = os.waitpid(child, 0)

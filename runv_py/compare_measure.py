@@ -298,7 +298,9 @@ def measure_runtime(rt: Runtime, bundle: str, work: str, runs: int, reps: int, t
                 raise CompareError(f"{rt.name}: exec true exited {status}")
         out["measures"]["exec_ms"] = summary(times)
         time.sleep(1.0)  # let the idle container settle before weighing it
-        procs = {pid: (comm(pid), pss_kb(pid)) for pid in descendants(os.getpid())}
+        ours = {int(probe_env["HOSTPID"])}  # the probes' sentinel is not the runtime's
+        procs = {pid: (comm(pid), pss_kb(pid)) for pid in descendants(os.getpid())
+                 if pid not in ours}
         total = sum(kb for _, kb in procs.values())
         out["measures"]["memory_pss_mib"] = summary([total / 1024])
         out["processes"] = [{"pid": pid, "comm": c, "pss_kb": kb} for pid, (c, kb) in procs.items()]
