@@ -115,6 +115,12 @@ class TaskService:
     def record(self) -> dict:
         return st.read(self.root, self.cid)
 
+    def record_status(self) -> str:
+        try:
+            return self.record().get("status", "")
+        except st.NotFound:
+            return ""
+
     def request(self, message: dict) -> dict:
         return lifecycle.simple_request(self.record(), message)
 
@@ -214,7 +220,9 @@ class TaskService:
         status = p.status
         if not req.exec_id and not p.done.is_set():
             try:
+                # "stopped" only once the exit is reaped, so that Wait and Delete agree.
                 status = self.record().get("status", status)
+                status = "running" if status == "stopped" else status
             except st.NotFound:
                 pass
         response = pb.StateResponse(
@@ -243,6 +251,7 @@ class TaskService:
                 raise TtrpcError(FAILED_PRECONDITION, f"process {req.exec_id} is still running")
             del self.execs[req.exec_id]
         else:
+            p.done.wait(3.0) if self.record_status() == "stopped" else None
             if not p.done.is_set():
                 if p.status != "created":
                     raise TtrpcError(FAILED_PRECONDITION, f"container {self.cid} is still running")
@@ -323,10 +332,11 @@ class TaskService:
 
     def pids(self, req) -> pb.PidsResponse:
         try:
-            pids = self.request({"op": "ps"})["processes"]
+            procs = self.request({"op": "ps"})["processes"]
         except lifecycle.LifecycleError as e:
             raise TtrpcError(FAILED_PRECONDITION, str(e)) from None
-        return pb.PidsResponse(processes=[pb.ProcessInfo(pid=int(x)) for x in pids])
+        # Guest pids: the host has no process per container process.
+        return pb.PidsResponse(processes=[pb.ProcessInfo(pid=int(x["pid"])) for x in procs])
 
     def pause(self, req) -> pb.Empty:
         lifecycle.pause(self.root, self.cid)

@@ -140,6 +140,10 @@ class Containerd:
             time.sleep(0.2)
         raise AssertionError(f"{cid} never became {want}: {self.check('task', 'ls')}")
 
+    def mounts(self) -> list:
+        with open("/proc/self/mountinfo") as f:
+            return [line for line in f if self.base in line]
+
     def log_tail(self) -> str:
         out = []
         for name in sorted(os.listdir(self.logs)):
@@ -182,14 +186,16 @@ def containerd(image_tar):
         leaked = qemu_pids(c.tag)
         for pid in leaked:
             os.kill(pid, signal.SIGKILL)
-        with open("/proc/self/mountinfo") as f:
-            mounts = [line for line in f if base in line]
+        deadline = time.monotonic() + 10  # a shim's `delete` may still be under way
+        while c.mounts() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        mounts = c.mounts()
         for line in mounts:
             subprocess.run(["umount", "-l", line.split()[4]], capture_output=True)
         logs = c.log_tail()
         shutil.rmtree(base, ignore_errors=True)
         assert not leaked, f"QEMU processes leaked: {leaked}\n{logs}"
-        assert not mounts, f"mounts leaked: {mounts}"
+        assert not mounts, f"mounts leaked: {mounts}\n{logs}"
 
 
 def test_run_rm_prints_guest_kernel_and_exit_status(containerd):
@@ -202,3 +208,123 @@ def test_run_rm_prints_guest_kernel_and_exit_status(containerd):
     print(release)
     assert containerd.check("containers", "ls", "-q").split() == []
     assert not qemu_pids(containerd.tag)
+
+
+def test_detached_exec_ps_pause_resume_kill_rm_and_events(containerd, tmp_path):
+    cid = f"d-{containerd.tag}"
+    events_out = open(tmp_path / "events", "w")
+    events = subprocess.Popen(["ctr", "-a", containerd.sock, "events"], stdout=events_out,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)  # let the subscription settle before the first event
+        containerd.check("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+        containerd.wait_status(cid, "RUNNING")
+        r = containerd.ctr("task", "exec", "--exec-id", "e1", cid,
+                           "sh", "-c", "echo exec-out; echo exec-err >&2; exit 5")
+        assert (r.returncode, r.stdout, r.stderr) == (5, "exec-out\n", "exec-err\n"), r
+        ps = containerd.check("task", "ps", cid)
+        assert len(ps.splitlines()) >= 2, ps  # a header and the container's process
+        containerd.check("task", "pause", cid)
+        assert containerd.task_status(cid) == "PAUSED"
+        containerd.check("task", "resume", cid)
+        assert containerd.task_status(cid) == "RUNNING"
+        containerd.check("task", "kill", "-s", "KILL", cid)
+        containerd.wait_status(cid, "STOPPED")
+        containerd.check("task", "rm", cid)
+        containerd.check("containers", "rm", cid)
+        deadline = time.monotonic() + 10
+        want = ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
+                "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"]
+        while time.monotonic() < deadline:
+            text = (tmp_path / "events").read_text()
+            if all(topic in text for topic in want):
+                break
+            time.sleep(0.2)
+        lines = [line for line in text.splitlines() if cid in line and "/tasks/" in line]
+        topics = [next(w for w in line.split() if w.startswith("/tasks/")) for line in lines]
+        assert [t for t in topics if t in want] and all(t in topics for t in want), text
+        # In order: create before start, the container's exit before its delete.
+        assert topics.index("/tasks/create") < topics.index("/tasks/start")
+        assert len([t for t in topics if t == "/tasks/exit"]) == 2  # the exec and init
+        assert max(i for i, t in enumerate(topics) if t == "/tasks/exit") < topics.index("/tasks/delete")
+    finally:
+        events.kill()
+        events.wait(5)
+        events_out.close()
+    assert not qemu_pids(containerd.tag)
+
+
+def test_task_survives_containerd_restart(containerd):
+    cid = f"rs-{containerd.tag}"
+    containerd.check("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    containerd.wait_status(cid, "RUNNING")
+    containerd.stop()
+    containerd.start()  # it reconnects to the shim through the bundle's address file
+    assert containerd.task_status(cid) == "RUNNING"
+    r = containerd.ctr("task", "exec", "--exec-id", "after", cid, "echo", "still-here")
+    assert (r.returncode, r.stdout) == (0, "still-here\n"), r
+    containerd.check("task", "kill", "-s", "KILL", cid)
+    containerd.wait_status(cid, "STOPPED")
+    containerd.check("task", "rm", cid)
+    containerd.check("containers", "rm", cid)
+
+
+def shim_daemon_pids(cid: str) -> list:
+    """The shim v2 daemon (its child, the runv-py shim, was forked and shares its
+    command line: keep the parent only)."""
+    out = subprocess.run(["pgrep", "-f", f"runv_py.shimv2 .*-id {cid} .*serve"],
+                         capture_output=True, text=True).stdout
+    pids = [int(x) for x in out.split()]
+    return [p for p in pids if os.getppid() != p and parent(p) not in pids]
+
+
+def parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rfind(")") + 2:].split()[1])
+
+
+def test_shim_killed_task_stopped_and_no_qemu_left(containerd):
+    cid = f"sk-{containerd.tag}"
+    containerd.check("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    containerd.wait_status(cid, "RUNNING")
+    assert qemu_pids(containerd.tag)
+    daemons = shim_daemon_pids(cid)
+    assert len(daemons) == 1, daemons
+    os.kill(daemons[0], signal.SIGKILL)
+    # containerd notices the dead connection, runs `shim delete` and marks the task
+    # stopped; the delete ends the VM container the daemon left behind.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = containerd.task_status(cid)
+        if status in ("STOPPED", "") and not qemu_pids(containerd.tag) \
+                and not containerd.mounts():
+            break
+        time.sleep(0.3)
+    assert containerd.task_status(cid) in ("STOPPED", ""), containerd.check("task", "ls")
+    assert not qemu_pids(containerd.tag), containerd.log_tail()
+    assert not containerd.mounts(), containerd.mounts()
+    containerd.ctr("task", "rm", "-f", cid)
+    containerd.check("containers", "rm", cid)
+
+
+def test_missing_command_is_an_error_and_leaks_nothing(containerd):
+    cid = f"bad-{containerd.tag}"
+    r = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, cid, "/no/such/command")
+    assert r.returncode != 0, r
+    assert "no/such/command" in r.stderr or r.returncode == 127, r
+    containerd.ctr("containers", "rm", cid)
+    assert not qemu_pids(containerd.tag)
+
+
+def test_kill_unknown_exec_is_not_found(containerd):
+    cid = f"ke-{containerd.tag}"
+    containerd.check("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    containerd.wait_status(cid, "RUNNING")
+    r = containerd.ctr("task", "kill", "--exec-id", "nope", cid)
+    assert r.returncode != 0 and "not found" in r.stderr, r
+    assert containerd.task_status(cid) == "RUNNING"
+    containerd.check("task", "kill", "-s", "KILL", cid)
+    containerd.wait_status(cid, "STOPPED")
+    containerd.check("task", "rm", cid)
+    containerd.check("containers", "rm", cid)
