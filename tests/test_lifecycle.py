@@ -59,6 +59,10 @@ def test_full_cycle(runv, bundle, tmp_path, subreaper):
     assert state["status"] == "created" and state["pid"] == pid and state["id"] == cid
     assert state["bundle"] == b and state["ociVersion"] and state["created"]
     assert os.path.exists(f"/proc/{pid}")
+    # An operator's `ps` tells which processes belong to which container.
+    assert cid.encode() in open(f"/proc/{pid}/cmdline", "rb").read()
+    for qemu in qemu_pids(runv.tag):
+        assert f"runv-py:{cid}".encode() in open(f"/proc/{qemu}/cmdline", "rb").read()
     assert out.read_text() == ""            # the process waits for start
     runv("start", cid, check=True)
     assert runv.state(cid)["status"] == "running"
