@@ -102,15 +102,28 @@ def delete(flags: Flags) -> int:
     bundle = flags.get("bundle") or os.getcwd()
     cid = flags.get("id")
     root = os.path.join(bundle, "runv")
+    pid, status = 0, VM_DIED_STATUS
     try:
         record = st.read(root, cid)
         kill_shim(record)
+        pid = record.get("pid") or 0
+        if record.get("status") == "stopped" and "exit_status" in record:
+            status = int(record["exit_status"])
         statedir.remove(record["path"])
     except Exception as e:  # nothing there, or half there: clean what can be cleaned
         log.debug("delete: %s", e)
-        statedir.remove(os.path.join(root, cid)) if os.path.isdir(os.path.join(root, cid)) else None
+        if os.path.isdir(os.path.join(root, cid)):
+            statedir.remove(os.path.join(root, cid))
+    try:
+        os.rmdir(root)
+    except OSError:
+        pass
     unmount_rootfs(bundle)
-    response = pb.DeleteResponse(pid=0, exit_status=VM_DIED_STATUS)
+    try:  # the socket of the daemon that died
+        os.unlink(socket_path(flags.get("address"), flags.get("namespace"), cid))
+    except OSError:
+        pass
+    response = pb.DeleteResponse(pid=pid, exit_status=status)
     response.exited_at.GetCurrentTime()
     sys.stdout.buffer.write(response.SerializeToString())
     sys.stdout.flush()

@@ -4,6 +4,7 @@ One daemon serves one task (the VM container) and its exec'd processes. The cont
 run by runv-py's own per-container shim (runv_py/shim.py), forked by this daemon: its exit
 status is the task's, and requests go to it over its JSON socket, as the CLI does.
 """
+import itertools
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from . import lifecycle
 from . import state as st
 from . import statedir
 from .shimv2_pb import shimv2_pb2 as pb
+from .shimv2_console import Console
 from .shimv2_events import Publisher
 from .ttrpc import (ALREADY_EXISTS, FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND,
                     UNIMPLEMENTED, UNKNOWN, TtrpcError)
@@ -42,8 +44,11 @@ class Proc:
         self.exited_at = 0.0
         self.done = threading.Event()
         self.spec: dict = {}
+        self.console: Optional[Console] = None
 
     def exited(self, status: int) -> None:
+        if self.console is not None:
+            self.console.finish()  # the terminal's last output reaches the FIFO first
         self.exit_status = status
         self.exited_at = time.time()
         self.status = "stopped"
@@ -63,6 +68,9 @@ class TaskService:
         self.bundle = bundle
         self.root = os.path.join(bundle, "runv")
         self.listener = listener
+        # Console sockets live next to the shim's socket: bundle paths can be too long.
+        self.console_base = listener.getsockname() or os.path.join(bundle, "console")
+        self.consoles = itertools.count(1)  # next() is atomic under the GIL
         self.events = Publisher(ttrpc_address, namespace)
         self.lock = threading.Lock()
         self.init: Optional[Proc] = None
@@ -138,19 +146,22 @@ class TaskService:
             mount_rootfs(req.bundle, list(req.rootfs))
             try:
                 spec = oci.load(req.bundle)
-                console = ""
+                console, stdio = None, (req.stdin, req.stdout, req.stderr)
                 if req.terminal:
-                    raise TtrpcError(UNIMPLEMENTED, "terminal tasks are not supported yet")
+                    console = self.new_console(req.stdin, req.stdout)
+                    stdio = ("", "", "")
                 config = BootConfig(kernel=os.environ.get("RUNV_KERNEL", BootConfig.kernel),
                                     initrd=os.environ.get("RUNV_INITRD", BootConfig.initrd))
                 path = statedir.create(self.root, self.cid)
-                fds = lifecycle.open_stdio((req.stdin, req.stdout, req.stderr))
+                fds = lifecycle.open_stdio(stdio)
                 try:
                     pid = shim.spawn(self.cid, path, spec, lifecycle.sized_config(spec, config),
-                                     os.environ.get("RUNV_DRIVER", ""), console,
-                                     BOOT_TIMEOUT + 30, None, fds)
+                                     os.environ.get("RUNV_DRIVER", ""),
+                                     console.path if console else "", BOOT_TIMEOUT + 30, None, fds)
                 except BaseException:
                     statedir.remove(path)
+                    if console:
+                        console.finish()
                     raise
                 finally:
                     for fd in fds:
@@ -164,6 +175,7 @@ class TaskService:
                 raise
             p = Proc("", req.stdin, req.stdout, req.stderr, req.terminal)
             p.pid = pid
+            p.console = console
             self.init = p
         threading.Thread(target=self.reap_init, args=(p,), name="reap", daemon=True).start()
         self.events.publish("/tasks/create", pb.TaskCreate(
@@ -188,8 +200,17 @@ class TaskService:
                 if not e.done.is_set():
                     e.exited(VM_DIED_STATUS)
                     self.publish_exit(e)
+        if self.record_oom():
+            self.events.publish("/tasks/oom", pb.TaskOOM(container_id=self.cid))
         p.exited(code)
         self.publish_exit(p)
+
+    def record_oom(self) -> bool:
+        """The guest agent reports an OOM kill with the exit; the runv-py shim records it."""
+        try:
+            return bool(self.record().get("oom_killed"))
+        except st.NotFound:
+            return False
 
     def publish_exit(self, p: Proc) -> None:
         event = pb.TaskExit(container_id=self.cid, id=p.exec_id or self.cid, pid=p.pid,
@@ -285,8 +306,6 @@ class TaskService:
         from . import bundle as oci
         if self.init is None or self.init.done.is_set():
             raise TtrpcError(FAILED_PRECONDITION, f"container {self.cid} is not running")
-        if req.terminal:
-            raise TtrpcError(UNIMPLEMENTED, "exec with a terminal is not supported yet")
         try:
             spec = json.loads(req.spec.value or b"{}")
             oci.check_process(spec)
@@ -305,10 +324,20 @@ class TaskService:
     def start_exec(self, p: Proc) -> int:
         if p.status != "created":
             raise TtrpcError(FAILED_PRECONDITION, f"process {p.exec_id} is {p.status}")
-        fds = lifecycle.open_stdio((p.stdin, p.stdout, p.stderr))
+        request = {"op": "exec", "process": dict(p.spec, terminal=p.terminal),
+                   "exec_id": p.exec_id}
+        fds = ()
+        if p.terminal:
+            p.console = self.new_console(p.stdin, p.stdout)
+            request["console_socket"] = p.console.path
+        else:
+            fds = lifecycle.open_stdio((p.stdin, p.stdout, p.stderr))
         try:
-            reply, conn = lifecycle.shim_request(
-                self.record(), {"op": "exec", "process": p.spec, "exec_id": p.exec_id}, fds=fds)
+            reply, conn = lifecycle.shim_request(self.record(), request, fds=fds)
+        except BaseException:
+            if p.console:
+                p.console.finish()
+            raise
         finally:
             for fd in fds:
                 os.close(fd)
@@ -318,6 +347,9 @@ class TaskService:
         self.events.publish("/tasks/exec-started", pb.TaskExecStarted(
             container_id=self.cid, exec_id=p.exec_id, pid=p.pid))
         return p.pid
+
+    def new_console(self, stdin: str, stdout: str) -> Console:
+        return Console(f"{self.console_base}.c{next(self.consoles)}", stdin, stdout)
 
     def reap_exec(self, p: Proc, conn) -> None:
         conn.settimeout(None)
