@@ -1,0 +1,172 @@
+"""ttrpc framing and the shim v2 binary's start/delete, without a VM or containerd."""
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from runv_py import ttrpc
+from runv_py.shimv2 import Flags, socket_path
+from runv_py.shimv2_events import Publisher
+from runv_py.shimv2_pb import shimv2_pb2 as pb
+from runv_py.shimv2_pb import ttrpc_pb2
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A ttrpc server with Echo, Block (waits for a release) and Fail methods."""
+    release = threading.Event()
+
+    def block(payload: bytes) -> bytes:
+        assert release.wait(10)
+        return b"blocked:" + payload
+
+    def fail(payload: bytes) -> bytes:
+        raise ttrpc.TtrpcError(ttrpc.NOT_FOUND, "no such thing")
+
+    handlers = {("t.S", "Echo"): lambda p: p, ("t.S", "Block"): block, ("t.S", "Fail"): fail}
+    path = str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    threading.Thread(target=ttrpc.Server(handlers).serve, args=(listener,), daemon=True).start()
+    yield path, release
+    release.set()
+    listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+
+
+def send_request(sock, stream: int, method: str, payload: bytes) -> None:
+    req = ttrpc_pb2.Request(service="t.S", method=method, payload=payload).SerializeToString()
+    sock.sendall(ttrpc.HEADER.pack(len(req), stream, ttrpc.TYPE_REQUEST, 0) + req)
+
+
+def read_response(sock):
+    stream, kind, _flags, payload = ttrpc.read_frame(sock)
+    assert kind == ttrpc.TYPE_RESPONSE
+    return stream, ttrpc_pb2.Response.FromString(payload)
+
+
+def test_calls_are_multiplexed_on_one_connection(server):
+    path, release = server
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    send_request(sock, 1, "Block", b"a")   # like containerd's Wait: answered last
+    send_request(sock, 3, "Echo", b"b")
+    stream, response = read_response(sock)
+    assert (stream, response.payload, response.status.code) == (3, b"b", 0)
+    release.set()
+    stream, response = read_response(sock)
+    assert (stream, response.payload) == (1, b"blocked:a")
+    sock.close()
+
+
+def test_status_codes_and_size_limit(server):
+    path, _ = server
+    client = ttrpc.Client(path)
+    with pytest.raises(ttrpc.TtrpcError) as e:
+        client.call("t.S", "Nope", b"")
+    assert e.value.code == ttrpc.UNIMPLEMENTED
+    with pytest.raises(ttrpc.TtrpcError) as e:
+        client.call("t.S", "Fail", b"")
+    assert (e.value.code, e.value.message) == (ttrpc.NOT_FOUND, "no such thing")
+    # Over 4 MiB: refused with RESOURCE_EXHAUSTED, and the connection stays usable.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    big = b"x" * (ttrpc.MAX_MESSAGE + 1)
+    sock.sendall(ttrpc.HEADER.pack(len(big), 5, ttrpc.TYPE_REQUEST, 0) + big)
+    stream, response = read_response(sock)
+    assert (stream, response.status.code) == (5, ttrpc.RESOURCE_EXHAUSTED)
+    send_request(sock, 7, "Echo", b"still")
+    assert read_response(sock)[1].payload == b"still"
+    sock.close()
+    assert client.call("t.S", "Echo", b"ok") == b"ok"
+    client.close()
+
+
+def test_events_are_forwarded_in_order(tmp_path):
+    got = []
+    done = threading.Event()
+
+    def forward(payload: bytes) -> bytes:
+        envelope = pb.ForwardRequest.FromString(payload).envelope
+        got.append((envelope.namespace, envelope.topic, envelope.event.type_url))
+        if len(got) == 3:
+            done.set()
+        return b""
+
+    path = str(tmp_path / "events.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    server = ttrpc.Server({("containerd.services.events.ttrpc.v1.Events", "Forward"): forward})
+    threading.Thread(target=server.serve, args=(listener,), daemon=True).start()
+    publisher = Publisher("unix://" + path, "ns1")
+    publisher.publish("/tasks/create", pb.TaskCreate(container_id="c"))
+    publisher.publish("/tasks/start", pb.TaskStart(container_id="c", pid=1))
+    publisher.publish("/tasks/exit", pb.TaskExit(container_id="c", exit_status=3))
+    assert done.wait(10)
+    assert got == [("ns1", "/tasks/create", "containerd.events.TaskCreate"),
+                   ("ns1", "/tasks/start", "containerd.events.TaskStart"),
+                   ("ns1", "/tasks/exit", "containerd.events.TaskExit")]
+    listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+
+
+def test_flags_as_containerd_passes_them():
+    f = Flags(["-namespace", "k8s.io", "-address", "/run/c.sock", "-publish-binary", "/bin/c",
+               "-id", "abc", "-debug", "-bundle=/b", "delete"])
+    assert (f.get("namespace"), f.get("id"), f.get("bundle"), f.debug, f.action) == \
+        ("k8s.io", "abc", "/b", True, "delete")
+    assert socket_path("/run/c.sock", "ns", "a") != socket_path("/run/c.sock", "ns", "b")
+
+
+SHIM = [sys.executable, "-m", "runv_py.shimv2"]
+
+
+def test_start_prints_the_address_and_leaves_a_daemon(tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    args = ["-namespace", "t", "-address", str(tmp_path / "none.sock"), "-id", "u1"]
+    env = dict(os.environ, TTRPC_ADDRESS=str(tmp_path / "none.sock.ttrpc"),
+               RUNVPY_SHIM_LOG_DIR=str(tmp_path))
+    r = subprocess.run(SHIM + args + ["start"], cwd=bundle, env=env, capture_output=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    address = r.stdout.decode()
+    assert address.startswith("unix:///run/containerd/s/") and "\n" not in address
+    assert (bundle / "address").read_text() == address
+    client = ttrpc.Client(address[len("unix://"):])
+    reply = pb.ConnectResponse.FromString(client.call(
+        "containerd.task.v2.Task", "Connect", pb.ConnectRequest(id="u1").SerializeToString()))
+    assert reply.shim_pid > 0 and reply.task_pid == 0
+    with pytest.raises(ttrpc.TtrpcError) as e:
+        client.call("containerd.task.v2.Task", "Checkpoint", b"")
+    assert e.value.code == ttrpc.UNIMPLEMENTED
+    with pytest.raises(ttrpc.TtrpcError) as e:
+        client.call("containerd.task.v2.Task", "Kill",
+                    pb.KillRequest(id="u1", exec_id="nope", signal=9).SerializeToString())
+    assert e.value.code == ttrpc.NOT_FOUND
+    client.call("containerd.task.v2.Task", "Shutdown", pb.ShutdownRequest(id="u1").SerializeToString())
+    client.close()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{reply.shim_pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{reply.shim_pid}"), "the daemon did not exit"
+    assert not os.path.exists(address[len("unix://"):])
+
+
+def test_delete_is_idempotent(tmp_path):
+    for _ in range(2):
+        r = subprocess.run(SHIM + ["-namespace", "t", "-id", "gone", "-bundle", str(tmp_path),
+                                   "delete"], capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        response = pb.DeleteResponse.FromString(r.stdout)
+        assert response.exit_status == 137 and response.exited_at.seconds > 0
