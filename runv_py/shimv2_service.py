@@ -408,9 +408,9 @@ class TaskService:
     def stats(self, req) -> pb.StatsResponse:
         stats = self.request({"op": "stats"}).get("stats", {})
         response = pb.StatsResponse()
-        # Not containerd's cgroups Metrics type: the guest's cgroup files, as JSON.
-        response.stats.type_url = "runv-py/guest-cgroup-stats"
-        response.stats.value = json.dumps(stats).encode()
+        # The guest runs cgroup v2: containerd's v2 Metrics type, which ctr can decode.
+        response.stats.type_url = "io.containerd.cgroups.v2.Metrics"
+        response.stats.value = guest_metrics(stats).SerializeToString()
         return response
 
     def connect(self, req) -> pb.ConnectResponse:
@@ -444,6 +444,35 @@ class TaskService:
 
     def wait_shutdown(self, timeout: float) -> None:
         self.events.drain(timeout)
+
+
+MAX_UINT64 = (1 << 64) - 1
+
+
+def guest_metrics(files: Dict[str, str]) -> "pb.Metrics":
+    """Metrics from the guest's cgroup v2 files (name -> text)."""
+    def number(text: str) -> int:
+        text = (text or "").strip()
+        return MAX_UINT64 if text == "max" else int(text) if text.isdigit() else 0
+
+    def table(text: str) -> Dict[str, int]:
+        pairs = (line.split() for line in (text or "").splitlines())
+        return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
+
+    cpu = table(files.get("cpu.stat", ""))
+    mem = table(files.get("memory.stat", ""))
+    metrics = pb.Metrics()
+    metrics.pids.current = number(files.get("pids.current", ""))
+    metrics.pids.limit = number(files.get("pids.max", ""))
+    for name in ("usage_usec", "user_usec", "system_usec", "nr_periods", "nr_throttled",
+                 "throttled_usec"):
+        setattr(metrics.cpu, name, cpu.get(name, 0))
+    for name in ("anon", "file", "kernel_stack", "slab", "sock", "shmem", "file_mapped",
+                 "file_dirty", "file_writeback", "pgfault", "pgmajfault"):
+        setattr(metrics.memory, name, mem.get(name, 0))
+    metrics.memory.usage = number(files.get("memory.current", ""))
+    metrics.memory.usage_limit = number(files.get("memory.max", ""))
+    return metrics
 
 
 def cgroup_values(resources: dict) -> dict:

@@ -228,7 +228,9 @@ def test_detached_exec_ps_pause_resume_kill_rm_and_events(containerd, tmp_path):
         assert containerd.task_status(cid) == "PAUSED"
         containerd.check("task", "resume", cid)
         assert containerd.task_status(cid) == "RUNNING"
-        containerd.check("task", "kill", "-s", "KILL", cid)
+        metrics = containerd.check("task", "metrics", cid)  # the guest cgroup's figures
+        assert "pids.current" in metrics and "memory.usage" in metrics, metrics
+        containerd.check("task", "kill", "--all", "-s", "KILL", cid)
         containerd.wait_status(cid, "STOPPED")
         containerd.check("task", "rm", cid)
         containerd.check("containers", "rm", cid)
