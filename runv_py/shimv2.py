@@ -11,10 +11,11 @@ on TTRPC_ADDRESS. ``BIN ... -bundle B delete`` cleans up after a daemon that die
 import hashlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 from typing import Dict, List, Optional
 
 from . import ttrpc
@@ -151,9 +152,24 @@ def serve(flags: Flags) -> int:
                           os.environ.get("TTRPC_ADDRESS", ""), listener)
     log.info("serving %s in %s", flags.get("id"), bundle)
     server = ttrpc.Server(service.handlers())
-    server.serve(listener)  # returns when Shutdown closes the listener
+    threading.Thread(target=server.serve, args=(listener,), name="accept", daemon=True).start()
+    # The VM's owner is forked on this (main) thread, with a parent-death signal: a daemon
+    # killed while containerd is away too must not leave the VM running.
+    die_with = os.getpid()
+    os.register_at_fork(after_in_child=lambda: _die_with_parent(die_with))
+    service.run_main_jobs()  # returns once Shutdown closes the listener
     service.wait_shutdown(10.0)
     return 0
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a child forked by the daemon itself (not a grandchild): SIGKILL when it dies.
+    PDEATHSIG follows the forking thread, hence forks on the main thread only."""
+    if os.getppid() == parent:
+        from .hyperstart import syscalls
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before prctl took effect
+            os._exit(1)
 
 
 def setup_logging(bundle: str, flags: Flags) -> None:

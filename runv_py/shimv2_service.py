@@ -8,7 +8,7 @@ import itertools
 import json
 import logging
 import os
-import signal
+import queue
 import socket
 import subprocess
 import threading
@@ -77,6 +77,7 @@ class TaskService:
         self.execs: Dict[str, Proc] = {}
         self.deleted = False
         self.shutdown = threading.Event()
+        self.main_jobs: "queue.Queue" = queue.Queue()
 
     def handlers(self) -> Dict[Tuple[str, str], Callable[[bytes], bytes]]:
         table = {
@@ -155,9 +156,10 @@ class TaskService:
                 path = statedir.create(self.root, self.cid)
                 fds = lifecycle.open_stdio(stdio)
                 try:
-                    pid = shim.spawn(self.cid, path, spec, lifecycle.sized_config(spec, config),
-                                     os.environ.get("RUNV_DRIVER", ""),
-                                     console.path if console else "", BOOT_TIMEOUT + 30, None, fds)
+                    pid = self.on_main(lambda: shim.spawn(
+                        self.cid, path, spec, lifecycle.sized_config(spec, config),
+                        os.environ.get("RUNV_DRIVER", ""), console.path if console else "",
+                        BOOT_TIMEOUT + 30, None, fds))
                 except BaseException:
                     statedir.remove(path)
                     if console:
@@ -441,6 +443,32 @@ class TaskService:
                 os.unlink(path)
         except OSError:
             pass
+
+    def run_main_jobs(self) -> None:
+        """Run on_main() jobs on the main thread until Shutdown."""
+        while not self.shutdown.is_set():
+            try:
+                fn, box, done = self.main_jobs.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                box.append((fn(), None))
+            except BaseException as e:
+                box.append((None, e))
+            done.set()
+
+    def on_main(self, fn: Callable):
+        """fn() on the main thread (forks there carry a parent-death signal that lasts
+        as long as the daemon); its result or exception comes back here."""
+        if threading.current_thread() is threading.main_thread():
+            return fn()
+        box, done = [], threading.Event()
+        self.main_jobs.put((fn, box, done))
+        done.wait()
+        result, error = box[0]
+        if error is not None:
+            raise error
+        return result
 
     def wait_shutdown(self, timeout: float) -> None:
         self.events.drain(timeout)

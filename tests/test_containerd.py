@@ -378,3 +378,26 @@ def test_terminal_run_and_exec(containerd):
     containerd.wait_status(cid, "STOPPED")
     containerd.check("task", "rm", cid)
     containerd.check("containers", "rm", cid)
+
+
+def test_shim_killed_while_containerd_is_down(containerd):
+    """Nobody runs `shim delete` then: the VM must still go, with the daemon (its owner
+    carries a parent-death signal); the restarted containerd finds the task dead."""
+    cid = f"kd-{containerd.tag}"
+    containerd.check("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    containerd.wait_status(cid, "RUNNING")
+    daemons = shim_daemon_pids(cid)
+    assert len(daemons) == 1, daemons
+    containerd.stop()
+    os.kill(daemons[0], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while qemu_pids(containerd.tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not qemu_pids(containerd.tag)
+    containerd.start()
+    deadline = time.monotonic() + 30
+    while containerd.task_status(cid) not in ("STOPPED", "") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert containerd.task_status(cid) in ("STOPPED", ""), containerd.check("task", "ls")
+    containerd.ctr("task", "rm", "-f", cid)
+    containerd.check("containers", "rm", cid)
