@@ -180,6 +180,9 @@ def setup_logging(bundle: str, flags: Flags) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers = [handler]
+    # The daemon's stderr is /dev/null: a thread's crash must reach the log instead.
+    threading.excepthook = lambda a: log.error("thread %s crashed", a.thread and a.thread.name,
+                                               exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
     root.setLevel(logging.DEBUG if flags.debug or os.environ.get("RUNVPY_SHIM_DEBUG") else logging.INFO)
 
 

@@ -401,3 +401,29 @@ def test_shim_killed_while_containerd_is_down(containerd):
     assert containerd.task_status(cid) in ("STOPPED", ""), containerd.check("task", "ls")
     containerd.ctr("task", "rm", "-f", cid)
     containerd.check("containers", "rm", cid)
+
+
+def test_update_reaches_the_guest_cgroup(containerd):
+    """ctr 1.6 has no `task update`: call the shim's Update over ttrpc as containerd
+    would, then read the limits back through `ctr task metrics`."""
+    from runv_py import ttrpc
+    from runv_py.shimv2_pb import shimv2_pb2 as pb
+    cid = f"up-{containerd.tag}"
+    containerd.check("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    containerd.wait_status(cid, "RUNNING")
+    bundle = os.path.join(containerd.base, "state", "io.containerd.runtime.v2.task", NAMESPACE, cid)
+    with open(os.path.join(bundle, "address")) as f:
+        client = ttrpc.Client(f.read().removeprefix("unix://"))
+    request = pb.UpdateTaskRequest(id=cid)
+    request.resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+    request.resources.value = json.dumps({"memory": {"limit": 50 << 20},
+                                          "pids": {"limit": 20}}).encode()
+    client.call("containerd.task.v2.Task", "Update", request.SerializeToString())
+    client.close()
+    metrics = dict(line.split()[:2] for line in containerd.check("task", "metrics", cid).splitlines()
+                   if line.startswith(("pids.", "memory.")))
+    assert metrics["pids.limit"] == "20" and metrics["memory.usage_limit"] == str(50 << 20), metrics
+    containerd.check("task", "kill", "-s", "KILL", cid)
+    containerd.wait_status(cid, "STOPPED")
+    containerd.check("task", "rm", cid)
+    containerd.check("containers", "rm", cid)

@@ -170,3 +170,17 @@ def test_delete_is_idempotent(tmp_path):
         assert r.returncode == 0, r.stderr
         response = pb.DeleteResponse.FromString(r.stdout)
         assert response.exit_status == 137 and response.exited_at.seconds > 0
+
+
+def test_guest_cgroup_files_become_containerd_metrics_and_limits():
+    from runv_py.shimv2_service import MAX_UINT64, cgroup_values, guest_metrics
+    m = guest_metrics({"pids.current": "3\n", "pids.max": "max\n", "memory.current": "4096\n",
+                       "memory.max": "1048576\n", "cpu.stat": "usage_usec 7\nsystem_usec 2\n",
+                       "memory.stat": "anon 10\nfile 20\npgfault 5\n"})
+    assert (m.pids.current, m.pids.limit) == (3, MAX_UINT64)
+    assert (m.cpu.usage_usec, m.cpu.system_usec, m.cpu.user_usec) == (7, 2, 0)
+    assert (m.memory.usage, m.memory.usage_limit, m.memory.anon, m.memory.pgfault) == \
+        (4096, 1048576, 10, 5)
+    assert cgroup_values({"memory": {"limit": 1 << 20}, "cpu": {"quota": 50000, "period": 100000},
+                          "pids": {"limit": -1}}) == \
+        {"memory.max": "1048576", "cpu.max": "50000 100000", "pids.max": "max"}
