@@ -6,7 +6,6 @@ import os
 import platform
 import signal
 import subprocess
-import subprocess
 import time
 
 import pytest
@@ -205,3 +204,33 @@ def test_guest_panic_is_reported(runv, bundle):
     b = bundle(["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 100"])
     r = runv("run", "-b", b, runv.id(), timeout=60)
     assert r.returncode != 0
+
+
+def test_terminal_run_in_the_foreground(runv, bundle):
+    """`runv-py run` of a bundle with terminal: true, from a real terminal (a pty here)."""
+    import pty
+    import select
+    b = bundle(["sh"], process__terminal=True)
+    pid, master = pty.fork()
+    if pid == 0:
+        args = runv.args("run", "-b", b, runv.id())
+        os.execv(args[0], args)
+    out = b""
+    deadline = time.monotonic() + 60
+    sent = False
+    while time.monotonic() < deadline:
+        if not sent and b"# " in out:   # type only once the shell prompts, as a person would
+            os.write(master, b"tty; exit 3\n")
+            sent = True
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 3, out
+    assert b"/dev/pts/0" in out
