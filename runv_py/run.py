@@ -9,7 +9,7 @@ from . import bundle as oci
 from . import statedir
 from .agent_client import AgentError, fd_sink, pump_stdin
 from .drivers import DriverError, probe
-from .factory import BootConfig, DirectFactory
+from .factory import BootConfig, boot_one
 from .sandbox import Sandbox, private_mount_namespace
 
 log = logging.getLogger("runv_py.run")
@@ -44,14 +44,16 @@ class RawTerminal:
 
 
 def terminal_size(fd: int = 0):
+    """(rows, columns) of the terminal on ``fd``; None if unknown (a 0x0 pty too)."""
     try:
         size = os.get_terminal_size(fd)
-        return size.lines, size.columns
     except OSError:
         return None
+    return (size.lines, size.columns) if size.lines and size.columns else None
 
 
-def run(bundle_path: str, cid: str, root: str, config: BootConfig, driver_name: str = "") -> int:
+def run(bundle_path: str, cid: str, root: str, config: BootConfig, driver_name: str = "",
+        factory_policy=None, template_dir: str = "") -> int:
     """Run the bundle's process to completion; returns its exit status."""
     cid = oci.check_id(cid)
     bundle = oci.load(bundle_path)
@@ -62,7 +64,7 @@ def run(bundle_path: str, cid: str, root: str, config: BootConfig, driver_name: 
     sandbox = None
     try:
         private_mount_namespace()
-        booted = DirectFactory(driver).get_vm(config, state, cid)
+        booted = boot_one(driver, config, state, cid, factory_policy, template_dir)
         sandbox = Sandbox(cid, booted)
         sandbox.start_pod(bundle.hostname)
         agent = sandbox.agent
