@@ -21,6 +21,7 @@ from . import statedir
 from .shimv2_pb import shimv2_pb2 as pb
 from .shimv2_console import Console
 from .shimv2_events import Publisher
+from .shimv2_stdio import open_stdio
 from .ttrpc import (ALREADY_EXISTS, FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND,
                     UNIMPLEMENTED, UNKNOWN, TtrpcError)
 
@@ -45,8 +46,11 @@ class Proc:
         self.done = threading.Event()
         self.spec: dict = {}
         self.console: Optional[Console] = None
+        self.relays: list = []  # StdinRelay: the stdin FIFO copied into the process
 
     def exited(self, status: int) -> None:
+        for relay in self.relays:
+            relay.stop()
         if self.console is not None:
             self.console.finish()  # the terminal's last output reaches the FIFO first
         self.exit_status = status
@@ -154,7 +158,8 @@ class TaskService:
                 config = BootConfig(kernel=os.environ.get("RUNV_KERNEL", BootConfig.kernel),
                                     initrd=os.environ.get("RUNV_INITRD", BootConfig.initrd))
                 path = statedir.create(self.root, self.cid)
-                fds = lifecycle.open_stdio(stdio)
+                relays = []
+                fds = open_stdio(stdio, relays)
                 try:
                     pid = self.on_main(lambda: shim.spawn(
                         self.cid, path, spec, lifecycle.sized_config(spec, config),
@@ -162,6 +167,8 @@ class TaskService:
                         BOOT_TIMEOUT + 30, None, fds))
                 except BaseException:
                     statedir.remove(path)
+                    for relay in relays:
+                        relay.stop()
                     if console:
                         console.finish()
                     raise
@@ -178,6 +185,7 @@ class TaskService:
             p = Proc("", req.stdin, req.stdout, req.stderr, req.terminal)
             p.pid = pid
             p.console = console
+            p.relays = relays
             self.init = p
         threading.Thread(target=self.reap_init, args=(p,), name="reap", daemon=True).start()
         self.events.publish("/tasks/create", pb.TaskCreate(
@@ -333,10 +341,12 @@ class TaskService:
             p.console = self.new_console(p.stdin, p.stdout)
             request["console_socket"] = p.console.path
         else:
-            fds = lifecycle.open_stdio((p.stdin, p.stdout, p.stderr))
+            fds = open_stdio((p.stdin, p.stdout, p.stderr), p.relays)
         try:
             reply, conn = lifecycle.shim_request(self.record(), request, fds=fds)
         except BaseException:
+            for relay in p.relays:
+                relay.stop()
             if p.console:
                 p.console.finish()
             raise
