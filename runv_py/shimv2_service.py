@@ -270,6 +270,8 @@ class TaskService:
         if p.done.is_set():
             raise TtrpcError(NOT_FOUND, f"process {req.exec_id or self.cid} already finished")
         if req.exec_id:
+            if p.status == "created":
+                raise TtrpcError(NOT_FOUND, f"process {req.exec_id} is not started")
             self.request({"op": "signal", "exec_id": req.exec_id, "signal": req.signal})
         else:
             self.request({"op": "kill", "signal": req.signal, "all": req.all})
@@ -280,6 +282,8 @@ class TaskService:
         if req.exec_id:
             if not p.done.is_set() and p.status != "created":
                 raise TtrpcError(FAILED_PRECONDITION, f"process {req.exec_id} is still running")
+            if not p.done.is_set():
+                p.exited(0)  # never started: release its waiters
             del self.execs[req.exec_id]
         else:
             p.done.wait(3.0) if self.record_status() == "stopped" else None
@@ -345,10 +349,8 @@ class TaskService:
         try:
             reply, conn = lifecycle.shim_request(self.record(), request, fds=fds)
         except BaseException:
-            for relay in p.relays:
-                relay.stop()
-            if p.console:
-                p.console.finish()
+            # containerd's client already waits on it (Wait comes before Start).
+            p.exited(255)
             raise
         finally:
             for fd in fds:

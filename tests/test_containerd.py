@@ -235,6 +235,8 @@ def test_detached_exec_ps_pause_resume_kill_rm_and_events(containerd, tmp_path):
         assert len(ps.splitlines()) >= 2, ps  # a header and the container's process
         containerd.check("task", "pause", cid)
         assert containerd.task_status(cid) == "PAUSED"
+        r = containerd.ctr("task", "exec", "--exec-id", "e2", cid, "true", timeout=60)
+        assert r.returncode != 0 and "paused" in r.stderr, r  # an error, not a hang
         containerd.check("task", "resume", cid)
         assert containerd.task_status(cid) == "RUNNING"
         metrics = containerd.check("task", "metrics", cid)  # the guest cgroup's figures
