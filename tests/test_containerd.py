@@ -454,3 +454,28 @@ def test_stdin_reaches_the_task_and_its_end_is_end_of_file(containerd):
     containerd.wait_status(cid, "STOPPED")
     containerd.check("task", "rm", cid)
     containerd.check("containers", "rm", cid)
+
+
+def test_oom_kill_is_reported(containerd, tmp_path):
+    """--memory-limit sizes the VM and limits the guest cgroup; the guest's OOM kill
+    comes back as /tasks/oom before /tasks/exit (137)."""
+    cid = f"oom-{containerd.tag}"
+    events_file = tmp_path / "events"
+    with open(events_file, "w") as out:
+        events = subprocess.Popen(["ctr", "-a", containerd.sock, "events"], stdout=out,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        r = containerd.ctr("run", "--rm", "--memory-limit", str(32 << 20), "--runtime", RUNTIME,
+                           IMAGE, cid, "sh", "-c",
+                           "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived")
+        assert r.returncode == 137 and "survived" not in r.stdout, r
+        deadline = time.monotonic() + 10
+        while "/tasks/delete" not in events_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        topics = [w for line in events_file.read_text().splitlines() if cid in line
+                  for w in line.split() if w.startswith("/tasks/")]
+        assert "/tasks/oom" in topics and topics.index("/tasks/oom") < topics.index("/tasks/exit"), topics
+    finally:
+        events.kill()
+        events.wait(5)
