@@ -11,6 +11,7 @@ import sys
 import click
 
 from . import __version__
+from .cli_manage import factory_options, factory_settings, manage
 
 
 class Options:
@@ -77,6 +78,7 @@ class LazyGroup(click.Group):
 @click.option("--debug", is_flag=True, help="Verbose logging and guest kernel messages.")
 @click.option("--log", "log_file", default="", help="Log to this file instead of stderr.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@factory_options
 @click.pass_context
 def main(ctx, kernel, initrd, driver, default_cpus, default_memory, root, debug, log_file,
          log_format):
@@ -128,7 +130,8 @@ def run(opts, bundle, detach, pid_file, console_socket, container_id):
         lifecycle.start(opts.root, container_id)
         return
     from .run import run as run_container
-    sys.exit(run_container(bundle, container_id, opts.root, opts.boot_config(), opts.driver))
+    sys.exit(run_container(bundle, container_id, opts.root, opts.boot_config(), opts.driver,
+                           **factory_settings()))
 
 
 @main.command()
@@ -382,6 +385,7 @@ def make_bundle(path, args, terminal):
 
 from .compare import compare as _compare  # noqa: E402  (imports only click at start-up)
 main.add_command(_compare)
+main.add_command(manage)
 
 if __name__ == "__main__":
     main()

@@ -119,3 +119,4 @@ class Sandbox:
         """Stop the VM and undo the host bind mounts; safe to call twice."""
         self.booted.stop()
         self.unmount_all()
+        self.booted.release()  # a cache's directory for this VM
