@@ -21,7 +21,9 @@ def compare(opts, bundle: str, runs: int, out_dir: str) -> None:
     from . import compare_measure, compare_report
     if not os.path.isfile(os.path.join(bundle, "config.json")):
         raise click.ClickException(f"{bundle}: config.json not found")
-    results = compare_measure.compare_bundle(opts, bundle, runs, out_dir)
+    # The global --template DIR (if this runv-py has it) names the template row's template.
+    template_dir = click.get_current_context().meta.get("runv_py.template") or ""
+    results = compare_measure.compare_bundle(opts, bundle, runs, out_dir, template_dir)
     click.echo(compare_report.table(results))
     png = compare_report.chart(results, os.path.join(out_dir, "compare.png"))
     html = compare_report.html(results, png, os.path.join(out_dir, "report.html"))

@@ -98,6 +98,10 @@ class CompareError(Exception):
 
 # ---- runtimes ---------------------------------------------------------------------------
 
+# Environment that would change what a row measures (a template for the cold VM row...).
+RUNV_ENVIRONMENT = ("RUNV_TEMPLATE", "RUNV_FACTORY_POLICY", "RUNV_DRIVER", "RUNV_ROOT")
+
+
 class Runtime:
     """How to run, create, exec in and delete a container with one runtime."""
 
@@ -105,13 +109,14 @@ class Runtime:
         self.name = name
         self.base = base          # the command line up to the subcommand
         self.kind = kind          # "runv" or "runc"
+        self.env = {k: v for k, v in os.environ.items() if k not in RUNV_ENVIRONMENT}
 
     def cmd(self, *args) -> list:
         return self.base + list(args)
 
     def run(self, bundle: str, cid: str, timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run(self.cmd("run", "-b", bundle, cid), stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=timeout)
+                              capture_output=True, timeout=timeout, env=self.env)
 
     def start_detached(self, bundle: str, cid: str, timeout: float) -> None:
         steps = [("run", "-d", "-b", bundle, cid)] if self.kind == "runc" else \
@@ -119,43 +124,44 @@ class Runtime:
         for step in steps:
             # The container keeps the stdio it is given: never a pipe we would wait on.
             r = subprocess.run(self.cmd(*step), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, timeout=timeout)
+                               stderr=subprocess.DEVNULL, timeout=timeout, env=self.env)
             if r.returncode != 0:
                 raise CompareError(f"{self.name}: {' '.join(step[:1])} failed ({r.returncode})")
 
     def exec(self, cid: str, args: list, timeout: float) -> int:
         return subprocess.run(self.cmd("exec", cid, *args), stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=timeout).returncode
+                              timeout=timeout, env=self.env).returncode
 
     def delete(self, cid: str) -> None:
         force = "-f" if self.kind == "runc" else "--force"
         subprocess.run(self.cmd("delete", force, cid), stdin=subprocess.DEVNULL,
-                       capture_output=True, timeout=60)
+                       capture_output=True, timeout=60, env=self.env)
 
 
-def template_flag() -> list:
+def template_flag(template_dir: str) -> list:
     """The CLI's global template option, if the template work has landed: [] otherwise."""
     out = subprocess.run([sys.executable, "-m", "runv_py.cli", "--help"], capture_output=True,
                          text=True, timeout=30).stdout
     m = re.search(r"--template(?:\s+([A-Z]+))?\s", out)
     if not m:
         return []
-    return ["--template", TEMPLATE_DIR] if m.group(1) else ["--template"]
+    return ["--template", template_dir] if m.group(1) else ["--template"]
 
 
-def runtimes(opts, state: str) -> tuple:
+def runtimes(opts, state: str, template_dir: str = "") -> tuple:
     """(runtimes to measure, {name: why it is skipped})."""
+    template_dir = template_dir or TEMPLATE_DIR
     runv = [sys.executable, "-m", "runv_py.cli", "--kernel", opts.kernel, "--initrd", opts.initrd]
     found, skipped = [], {}
     vm_driver = opts.driver if opts.driver and opts.driver != "namespace" else ""
     vm = runv + ["--root", os.path.join(state, "vm")] + (["--driver", vm_driver] if vm_driver else [])
     found.append(Runtime("runv-py vm", vm, "runv"))
-    flag = template_flag()
+    flag = template_flag(template_dir)
     if not flag:
         skipped["runv-py vm (template)"] = "this runv-py has no --template option yet"
-    elif not os.path.isdir(TEMPLATE_DIR):
-        skipped["runv-py vm (template)"] = f"no template at {TEMPLATE_DIR}"
+    elif not os.path.isdir(template_dir):
+        skipped["runv-py vm (template)"] = f"no template at {template_dir}"
     else:
         found.append(Runtime("runv-py vm (template)",
                              runv + ["--root", os.path.join(state, "tpl")] + flag, "runv"))
@@ -266,8 +272,8 @@ class Progress:
 
 
 def measure_runtime(rt: Runtime, bundle: str, work: str, runs: int, reps: int, tag: str,
-                    probe_env: dict, progress: Progress) -> dict:
-    out = {"measures": {}, "probes": {}}
+                    probe_env: dict, progress: Progress, out: dict) -> None:
+    """Fill ``out`` measure by measure: what was measured before a failure is kept."""
     work = os.path.join(work, re.sub(r"[^a-z0-9]+", "-", rt.name))
     true_b = derived_bundle(bundle, os.path.join(work, "true"), ["true"])
     # 1. start-to-exit of `true`.
@@ -335,7 +341,6 @@ def measure_runtime(rt: Runtime, bundle: str, work: str, runs: int, reps: int, t
     progress.step(f"{rt.name}: isolation probes")
     out["probes"] = parse_probes(r.stdout.decode(errors="replace"))
     reap_orphans()
-    return out
 
 
 def parse_probes(text: str) -> dict:
@@ -401,7 +406,7 @@ def judge_probes(probes: dict, host: dict) -> dict:
     }
 
 
-def compare_bundle(opts, bundle: str, runs: int, out_dir: str) -> dict:
+def compare_bundle(opts, bundle: str, runs: int, out_dir: str, template_dir: str = "") -> dict:
     """Measure every available runtime on ``bundle``; returns the results (also as JSON)."""
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     os.makedirs(out_dir, exist_ok=True)
@@ -414,16 +419,17 @@ def compare_bundle(opts, bundle: str, runs: int, out_dir: str) -> dict:
                             for k, v in MEASURES.items()},
                "runtimes": {}, "skipped": {}}
     try:
-        found, results["skipped"] = runtimes(opts, os.path.join(work, "state"))
+        found, results["skipped"] = runtimes(opts, os.path.join(work, "state"), template_dir)
         reps = max(1, min(runs, 3))
         progress = Progress(len(found) * (runs * 2 + 3 + reps))
         for rt in found:
             tag = uuid.uuid4().hex[:6]
+            data = {"measures": {}, "probes": {}}
             try:
-                data = measure_runtime(rt, bundle, work, runs, reps, tag,
-                                       {"HOSTPID": sentinel.pid, "MARK": marker}, progress)
+                measure_runtime(rt, bundle, work, runs, reps, tag,
+                                {"HOSTPID": sentinel.pid, "MARK": marker}, progress, data)
             except (CompareError, subprocess.TimeoutExpired, OSError) as e:
-                data = {"error": str(e), "measures": {}, "probes": {}}
+                data["error"] = str(e)
             data["isolation"] = judge_probes(data.get("probes") or {}, host)
             results["runtimes"][rt.name] = data
         progress.finish()
