@@ -57,6 +57,11 @@ class Flags:
     def get(self, name: str) -> str:
         return self.values.get(name, "")
 
+    def argv(self) -> List[str]:
+        """The flags again, for the daemon's command line (without the action)."""
+        args = [f"-{name}={value}" for name, value in self.values.items() if name != "socket"]
+        return args + (["-debug"] if self.debug else [])
+
 
 def socket_path(address: str, namespace: str, cid: str) -> str:
     """As containerd's own shims do: a hash of containerd's address, namespace and id."""
@@ -78,10 +83,11 @@ def start(flags: Flags) -> int:
     address = f"unix://{path}"
     devnull = os.open(os.devnull, os.O_RDWR)
     # Python fds are close-on-exec: the daemon gets the listener explicitly (pass_fds
-    # makes it inheritable), and none of containerd's pipes, so that `start`'s output ends when `start` does.
+    # makes it inheritable) and none of containerd's pipes, so that `start`'s output
+    # ends when `start` does.
     fd = listener.fileno()
     child = subprocess.Popen(
-        [sys.executable, "-m", "runv_py.shimv2", *sys.argv[1:-1], "-socket", str(fd), "serve"],
+        [sys.executable, "-m", "runv_py.shimv2", *flags.argv(), "-socket", str(fd), "serve"],
         stdin=devnull, stdout=devnull, stderr=devnull, cwd=bundle, start_new_session=True,
         pass_fds=(fd,))
     listener.close()

@@ -182,7 +182,7 @@ def containerd(image_tar):
         c.stop()
         # Shim daemons of tasks the clean-up above could not reach (their VMs go with
         # them: parent-death signal).
-        out = subprocess.run(["pgrep", "-f", f"runv_py.shimv2 .*-address {c.sock} "],
+        out = subprocess.run(["pgrep", "-f", f"runv_py.shimv2 .*-address={c.sock} "],
                              capture_output=True, text=True).stdout
         for pid in map(int, out.split()):
             try:
@@ -285,7 +285,7 @@ def test_task_survives_containerd_restart(containerd):
 def shim_daemon_pids(cid: str) -> list:
     """The shim v2 daemon (its child, the runv-py shim, was forked and shares its
     command line: keep the parent only)."""
-    out = subprocess.run(["pgrep", "-f", f"runv_py.shimv2 .*-id {cid} .*serve"],
+    out = subprocess.run(["pgrep", "-f", f"runv_py.shimv2 .*-id={cid} .*serve"],
                          capture_output=True, text=True).stdout
     pids = [int(x) for x in out.split()]
     return [p for p in pids if os.getppid() != p and parent(p) not in pids]

@@ -126,6 +126,7 @@ def test_flags_as_containerd_passes_them():
     assert (f.get("namespace"), f.get("id"), f.get("bundle"), f.debug, f.action) == \
         ("k8s.io", "abc", "/b", True, "delete")
     assert socket_path("/run/c.sock", "ns", "a") != socket_path("/run/c.sock", "ns", "b")
+    assert Flags(f.argv() + ["serve"]).values == f.values and Flags(f.argv()).debug
 
 
 SHIM = [sys.executable, "-m", "runv_py.shimv2"]
