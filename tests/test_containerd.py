@@ -479,3 +479,24 @@ def test_oom_kill_is_reported(containerd, tmp_path):
     finally:
         events.kill()
         events.wait(5)
+
+
+def test_task_exiting_while_containerd_is_down(containerd):
+    """The exit happens with containerd away: the restarted containerd sees the task
+    stopped with its status, and can delete it."""
+    import sys
+    cid = f"ex-{containerd.tag}"
+    containerd.check("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    containerd.wait_status(cid, "RUNNING")
+    containerd.stop()
+    root = os.path.join(containerd.base, "state", "io.containerd.runtime.v2.task", NAMESPACE,
+                        cid, "runv")
+    r = subprocess.run([sys.executable, "-m", "runv_py.cli", "--root", root, "kill", cid, "KILL"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    time.sleep(1)
+    containerd.start()
+    containerd.wait_status(cid, "STOPPED")
+    r = containerd.ctr("task", "rm", cid)
+    assert r.returncode == 0 and "137" in r.stderr, r  # ctr warns about the exit status
+    containerd.check("containers", "rm", cid)
