@@ -382,7 +382,15 @@ class TaskService:
         except lifecycle.LifecycleError as e:
             raise TtrpcError(FAILED_PRECONDITION, str(e)) from None
         # Guest pids: the host has no process per container process.
-        return pb.PidsResponse(processes=[pb.ProcessInfo(pid=int(x["pid"])) for x in procs])
+        exec_ids = {e.pid: e.exec_id for e in list(self.execs.values()) if e.pid}
+        response = pb.PidsResponse()
+        for x in procs:
+            info = response.processes.add(pid=int(x["pid"]))
+            if int(x["pid"]) in exec_ids:
+                info.info.type_url = "containerd.runc.v1.ProcessDetails"
+                info.info.value = pb.ProcessDetails(
+                    exec_id=exec_ids[int(x["pid"])]).SerializeToString()
+        return response
 
     def pause(self, req) -> pb.Empty:
         lifecycle.pause(self.root, self.cid)

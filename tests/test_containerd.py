@@ -231,8 +231,14 @@ def test_detached_exec_ps_pause_resume_kill_rm_and_events(containerd, tmp_path):
         r = containerd.ctr("task", "exec", "--exec-id", "e1", cid,
                            "sh", "-c", "echo exec-out; echo exec-err >&2; exit 5")
         assert (r.returncode, r.stdout, r.stderr) == (5, "exec-out\n", "exec-err\n"), r
+        containerd.check("task", "exec", "--detach", "--exec-id", "bg", cid, "sleep", "300")
         ps = containerd.check("task", "ps", cid)
-        assert len(ps.splitlines()) >= 2, ps  # a header and the container's process
+        assert len(ps.splitlines()) >= 3 and "bg" in ps, ps  # header, init, the exec
+        containerd.check("task", "kill", "--exec-id", "bg", "-s", "KILL", cid)
+        deadline = time.monotonic() + 10
+        while "bg" in containerd.check("task", "ps", cid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "bg" not in containerd.check("task", "ps", cid)
         containerd.check("task", "pause", cid)
         assert containerd.task_status(cid) == "PAUSED"
         r = containerd.ctr("task", "exec", "--exec-id", "e2", cid, "true", timeout=60)
@@ -258,7 +264,7 @@ def test_detached_exec_ps_pause_resume_kill_rm_and_events(containerd, tmp_path):
         assert [t for t in topics if t in want] and all(t in topics for t in want), text
         # In order: create before start, the container's exit before its delete.
         assert topics.index("/tasks/create") < topics.index("/tasks/start")
-        assert len([t for t in topics if t == "/tasks/exit"]) == 2  # the exec and init
+        assert len([t for t in topics if t == "/tasks/exit"]) == 3  # e1, bg and init
         assert max(i for i, t in enumerate(topics) if t == "/tasks/exit") < topics.index("/tasks/delete")
     finally:
         events.kill()
