@@ -451,6 +451,11 @@ def test_stdin_reaches_the_task_and_its_end_is_end_of_file(containerd):
     r = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, cid,
                        "sh", "-c", "cat; echo done", stdin=None, input="hello\n", timeout=60)
     assert (r.returncode, r.stdout) == (0, "hello\ndone\n"), r
+    # 1.3 MB of output: all of it reaches the FIFO before the exit does.
+    r = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, cid,
+                       "sh", "-c", "seq 1 200000; echo err >&2", timeout=90)
+    lines = r.stdout.splitlines()
+    assert (r.returncode, len(lines), lines[-1], r.stderr) == (0, 200000, "200000", "err\n")
     containerd.check("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
     containerd.wait_status(cid, "RUNNING")
     r = containerd.ctr("task", "exec", "--exec-id", "in", cid, "sh", "-c", "wc -l",
