@@ -73,6 +73,11 @@ def start(flags: Flags) -> int:
     bundle = os.getcwd()
     path = socket_path(flags.get("address"), flags.get("namespace"), flags.get("id"))
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    address = f"unix://{path}"
+    if can_connect(path):  # a daemon already serves this task: hand out its address
+        write_address(bundle, address)
+        sys.stdout.write(address)
+        return 0
     try:
         os.unlink(path)  # a stale socket of a dead shim of the same task
     except FileNotFoundError:
@@ -80,7 +85,6 @@ def start(flags: Flags) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
-    address = f"unix://{path}"
     devnull = os.open(os.devnull, os.O_RDWR)
     # Python fds are close-on-exec: the daemon gets the listener explicitly (pass_fds
     # makes it inheritable) and none of containerd's pipes, so that `start`'s output
@@ -91,13 +95,29 @@ def start(flags: Flags) -> int:
         stdin=devnull, stdout=devnull, stderr=devnull, cwd=bundle, start_new_session=True,
         pass_fds=(fd,))
     listener.close()
-    with open(os.path.join(bundle, "address.tmp"), "w") as f:
-        f.write(address)
-    os.replace(os.path.join(bundle, "address.tmp"), os.path.join(bundle, "address"))
+    write_address(bundle, address)
     log.debug("daemon %d serves %s", child.pid, address)
     sys.stdout.write(address)
     sys.stdout.flush()
     return 0
+
+
+def can_connect(path: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(path)
+        return True
+    except OSError:
+        return False
+
+
+def write_address(bundle: str, address: str) -> None:
+    """containerd reconnects after a restart through ``<bundle>/address``."""
+    tmp = os.path.join(bundle, "address.tmp")
+    with open(tmp, "w") as f:
+        f.write(address)
+    os.replace(tmp, os.path.join(bundle, "address"))
 
 
 def delete(flags: Flags) -> int:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -135,7 +136,8 @@ SHIM = [sys.executable, "-m", "runv_py.shimv2"]
 def test_start_prints_the_address_and_leaves_a_daemon(tmp_path):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    args = ["-namespace", "t", "-address", str(tmp_path / "none.sock"), "-id", "u1"]
+    cid = "u" + uuid.uuid4().hex[:8]
+    args = ["-namespace", "t", "-address", str(tmp_path / "none.sock"), "-id", cid]
     env = dict(os.environ, TTRPC_ADDRESS=str(tmp_path / "none.sock.ttrpc"),
                RUNVPY_SHIM_LOG_DIR=str(tmp_path))
     r = subprocess.run(SHIM + args + ["start"], cwd=bundle, env=env, capture_output=True,
@@ -144,24 +146,29 @@ def test_start_prints_the_address_and_leaves_a_daemon(tmp_path):
     address = r.stdout.decode()
     assert address.startswith("unix:///run/containerd/s/") and "\n" not in address
     assert (bundle / "address").read_text() == address
+    again = subprocess.run(SHIM + args + ["start"], cwd=bundle, env=env, capture_output=True,
+                           timeout=30)  # the same task again: the same daemon
+    assert (again.returncode, again.stdout.decode()) == (0, address), again.stderr
     client = ttrpc.Client(address[len("unix://"):])
     reply = pb.ConnectResponse.FromString(client.call(
-        "containerd.task.v2.Task", "Connect", pb.ConnectRequest(id="u1").SerializeToString()))
+        "containerd.task.v2.Task", "Connect", pb.ConnectRequest(id=cid).SerializeToString()))
     assert reply.shim_pid > 0 and reply.task_pid == 0
     with pytest.raises(ttrpc.TtrpcError) as e:
         client.call("containerd.task.v2.Task", "Checkpoint", b"")
     assert e.value.code == ttrpc.UNIMPLEMENTED
     with pytest.raises(ttrpc.TtrpcError) as e:
         client.call("containerd.task.v2.Task", "Kill",
-                    pb.KillRequest(id="u1", exec_id="nope", signal=9).SerializeToString())
+                    pb.KillRequest(id=cid, exec_id="nope", signal=9).SerializeToString())
     assert e.value.code == ttrpc.NOT_FOUND
-    client.call("containerd.task.v2.Task", "Shutdown", pb.ShutdownRequest(id="u1").SerializeToString())
+    client.call("containerd.task.v2.Task", "Shutdown", pb.ShutdownRequest(id=cid).SerializeToString())
     client.close()
     deadline = time.monotonic() + 10
     while os.path.exists(f"/proc/{reply.shim_pid}") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{reply.shim_pid}"), "the daemon did not exit"
     assert not os.path.exists(address[len("unix://"):])
+    left = subprocess.run(["pgrep", "-f", f"runv_py.shimv2 .*-id={cid} "], capture_output=True)
+    assert left.stdout == b"", "a second daemon was started"
 
 
 def test_delete_is_idempotent(tmp_path):
