@@ -123,6 +123,11 @@ class Console:
         """The process ended: flush what is left and let go of the FIFO."""
         self.finished.set()
         self.close_listener()
+        if self.stdin_path:  # end copy_in's wait for a writer that may never come
+            try:
+                os.close(os.open(self.stdin_path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
         if self.got.is_set():
             self.closed.wait(3.0)
 

@@ -349,9 +349,9 @@ def test_kill_unknown_exec_is_not_found(containerd):
     containerd.check("containers", "rm", cid)
 
 
-def run_in_pty(args: list, timeout: float = 120) -> tuple:
-    """Run ``args`` with a pty as its stdio (ctr -t wants a console); returns
-    (exit status, everything it printed)."""
+def run_in_pty(args: list, timeout: float = 120, typed: bytes = b"", after: str = "") -> tuple:
+    """Run ``args`` with a pty as its stdio (ctr -t wants a console), type ``typed``
+    once ``after`` was printed; returns (exit status, everything it printed)."""
     import pty
     import select
     master, slave = pty.openpty()
@@ -370,6 +370,9 @@ def run_in_pty(args: list, timeout: float = 120) -> tuple:
                 if not data:
                     break
                 out += data
+                if typed and after.encode() in out:
+                    os.write(master, typed)
+                    typed = b""
             elif proc.poll() is not None:
                 break
         return proc.wait(timeout=max(1, deadline - time.monotonic())), out.decode(errors="replace")
@@ -389,8 +392,9 @@ def test_terminal_run_and_exec(containerd):
     containerd.check("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
     containerd.wait_status(cid, "RUNNING")
     status, out = run_in_pty(base + ["task", "exec", "-t", "--exec-id", "t1", cid,
-                                     "sh", "-c", "tty; exit 4"])
-    assert status == 4 and "/dev/pts/" in out, out
+                                     "sh", "-c", "tty; echo ready; read x; echo got-$x; exit 4"],
+                             typed=b"abc\r", after="ready")
+    assert status == 4 and "/dev/pts/" in out and "got-abc" in out, out
     containerd.check("task", "kill", "-s", "KILL", cid)
     containerd.wait_status(cid, "STOPPED")
     containerd.check("task", "rm", cid)
