@@ -352,9 +352,13 @@ def test_kill_unknown_exec_is_not_found(containerd):
 def run_in_pty(args: list, timeout: float = 120, typed: bytes = b"", after: str = "") -> tuple:
     """Run ``args`` with a pty as its stdio (ctr -t wants a console), type ``typed``
     once ``after`` was printed; returns (exit status, everything it printed)."""
+    import fcntl
     import pty
     import select
+    import struct
+    import termios
     master, slave = pty.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
     proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
     os.close(slave)
     out = b""
@@ -386,9 +390,12 @@ def run_in_pty(args: list, timeout: float = 120, typed: bytes = b"", after: str 
 def test_terminal_run_and_exec(containerd):
     cid = f"tty-{containerd.tag}"
     base = ["ctr", "-a", containerd.sock, "-n", NAMESPACE]
+    # ctr sends its terminal's size (40x100) with ResizePty just after Start.
+    wait_size = ('for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do s=$(stty size); '
+                 '[ "$s" = "40 100" ] && break; sleep 0.2; done; echo size-$s')
     status, out = run_in_pty(base + ["run", "--rm", "-t", "--runtime", RUNTIME, IMAGE, cid,
-                                     "sh", "-c", "tty; exit 2"])
-    assert status == 2 and "/dev/pts/" in out, out
+                                     "sh", "-c", f"tty; {wait_size}; exit 2"])
+    assert status == 2 and "/dev/pts/" in out and "size-40 100" in out, out
     containerd.check("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
     containerd.wait_status(cid, "RUNNING")
     status, out = run_in_pty(base + ["task", "exec", "-t", "--exec-id", "t1", cid,
