@@ -38,6 +38,14 @@ V1_FILES = {"memory.current": ("memory", "memory.usage_in_bytes"),
 PROC_READONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")
 PROC_MASKED = ("acpi", "asound", "kcore", "keys", "latency_stats", "timer_list",
                "timer_stats", "sched_debug", "scsi")
+PR_CAPBSET_DROP = 24
+CAPABILITIES = (
+    "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP "
+    "LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER "
+    "SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE "
+    "SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
+    "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF "
+    "CHECKPOINT_RESTORE").split()
 
 
 def write_file(path: str, data: str) -> None:
@@ -133,6 +141,21 @@ class HostAgent(a.Agent):
         if m.get("type") == "proc" and m.get("destination", "").rstrip("/") == "/proc":
             protect_proc(a.secure_join(root, "/proc"))
 
+    def child_exec(self, proc: a.Process, init: bool, stdio: tuple, err_w: int, gate_r: int) -> None:
+        """Limit the capability bounding set to the process's (or else its container's):
+        a container that shares the host's kernel must not keep all of root's powers.
+        Set-up before exec still has them; the exec'd program gets only these."""
+        try:
+            caps = proc.spec.get("capabilities")
+            if not caps and proc.container.init is not None:
+                caps = proc.container.init.spec.get("capabilities")
+            if caps and caps.get("bounding") is not None:
+                drop_bounding_set(caps["bounding"])
+        except BaseException as e:
+            os.write(err_w, f"container set-up failed: capabilities: {e}".encode())
+            os._exit(1)
+        super().child_exec(proc, init, stdio, err_w, gate_r)
+
     def cmd_readfile(self, msg: dict) -> dict:
         if msg.get("cgroup"):
             container = self.container(msg)
@@ -142,6 +165,18 @@ class HostAgent(a.Agent):
             with open(os.path.join(self.groups[container.id][controller], name), "rb") as f:
                 return {"data": base64.b64encode(f.read(1 << 20)).decode()}
         return super().cmd_readfile(msg)
+
+
+def drop_bounding_set(keep: list) -> None:
+    wanted = {n.upper().removeprefix("CAP_") for n in keep}
+    unknown = wanted - set(CAPABILITIES)
+    if unknown:
+        raise a.AgentError(f"unknown capabilities {sorted(unknown)}")
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for number, name in enumerate(CAPABILITIES[:last + 1]):
+        if name not in wanted:
+            sc.prctl(PR_CAPBSET_DROP, number)
 
 
 def protect_proc(proc: str) -> None:

@@ -126,6 +126,7 @@ def process_message(process: dict, pid_id: str, stdio: int, stderr: int) -> dict
                  "additionalGids": user.get("additionalGids") or []},
         "rlimits": process.get("rlimits") or [],
         "noNewPrivileges": bool(process.get("noNewPrivileges")),
+        "capabilities": process.get("capabilities") or {},  # applied by the namespace driver
         "consoleSize": process.get("consoleSize") or {},
         "stdio": stdio,
         "stderr": stderr,

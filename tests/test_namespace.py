@@ -52,7 +52,8 @@ def test_sigkill_of_the_runtime_leaves_no_agent_cgroup_or_mount(runv, bundle, st
 def test_limits_and_proc_protection(runv, bundle):
     script = ("cat /hostpids/$(grep :pids: /proc/self/cgroup | cut -d: -f3)/pids.max; "
               "echo 3 > /proc/sys/vm/drop_caches 2>/dev/null && echo sys-writable || echo sys-ro; "
-              "cat /proc/timer_list 2>/dev/null | wc -c; hostname")
+              "cat /proc/timer_list 2>/dev/null | wc -c; hostname; "
+              "grep CapBnd /proc/self/status | cut -f2; dmesg >/dev/null 2>&1 && echo dmesg || echo no-dmesg")
     b = bundle(["sh", "-c", script], hostname="nsbox",
                linux__resources={"pids": {"limit": 42}, "memory": {"limit": 64 << 20}})
     import json
@@ -63,11 +64,15 @@ def test_limits_and_proc_protection(runv, bundle):
                            "source": "/sys/fs/cgroup/pids", "options": ["rbind", "ro"]})
     json.dump(spec, open(config, "w"))
     r = runv("--driver", "namespace", "run", "-b", b, runv.id(), check=True)
-    limit, sys_state, timer_list, hostname = r.stdout.decode().split()
+    limit, sys_state, timer_list, hostname, bounding, dmesg = r.stdout.decode().split()
     assert limit == "42"
     assert sys_state == "sys-ro"
     assert timer_list == "0"
     assert hostname == "nsbox"
+    # The spec's capabilities (runc's default: AUDIT_WRITE, KILL, NET_BIND_SERVICE) bound
+    # the container, so it cannot read the host's kernel log.
+    assert int(bounding, 16) == (1 << 29) | (1 << 5) | (1 << 10)
+    assert dmesg == "no-dmesg"
     assert not wait_gone(runv.tag)
 
 
