@@ -1,0 +1,122 @@
+"""containerd-shim-runvpy-v2 driven directly over ttrpc, as containerd drives it, with a
+stand-in for containerd's event service: calls ctr never makes (CloseIO) and the exact
+event sequence. Boots a real VM."""
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import qemu_pids
+from runv_py import ttrpc
+from runv_py.busybox_bundle import make_bundle
+from runv_py.shimv2_pb import shimv2_pb2 as pb
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(120)]
+
+TASK = "containerd.task.v2.Task"
+
+
+class EventSink:
+    """containerd's Events/Forward, recording topics."""
+
+    def __init__(self, path: str):
+        self.topics = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        server = ttrpc.Server({("containerd.services.events.ttrpc.v1.Events", "Forward"):
+                               self.forward})
+        threading.Thread(target=server.serve, args=(self.listener,), daemon=True).start()
+
+    def forward(self, payload: bytes) -> bytes:
+        self.topics.append(pb.ForwardRequest.FromString(payload).envelope.topic)
+        return b""
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+def test_close_io_ends_stdin_and_events_come_in_order(tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    cid = f"io-{tag}"
+    bundle = make_bundle(str(tmp_path / "bundle"), ["sh", "-c", "cat; echo eof-seen"])
+    fifos = {}
+    for name in ("stdin", "stdout", "stderr"):
+        fifos[name] = str(tmp_path / name)
+        os.mkfifo(fifos[name])
+    out_fd = os.open(fifos["stdout"], os.O_RDONLY | os.O_NONBLOCK)
+    sink = EventSink(str(tmp_path / "events.sock"))
+    env = dict(os.environ, TTRPC_ADDRESS=str(tmp_path / "events.sock"),
+               RUNVPY_SHIM_LOG_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "runv_py.shimv2", "-namespace", "t", "-address",
+                        str(tmp_path / "c.sock"), "-id", cid, "start"],
+                       cwd=bundle, env=env, capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    client = ttrpc.Client(r.stdout.decode().removeprefix("unix://"), timeout=60)
+    shim_pid = 0
+
+    def call(method: str, request, reply=None):
+        data = client.call(TASK, method, request.SerializeToString(), timeout=60)
+        return reply.FromString(data) if reply else None
+
+    try:
+        shim_pid = call("Connect", pb.ConnectRequest(id=cid), pb.ConnectResponse).shim_pid
+        created = call("Create", pb.CreateTaskRequest(
+            id=cid, bundle=bundle, stdin=fifos["stdin"], stdout=fifos["stdout"],
+            stderr=fifos["stderr"]), pb.CreateTaskResponse)
+        assert created.pid > 0
+        state = call("State", pb.StateRequest(id=cid), pb.StateResponse)
+        assert (state.status, state.pid) == (pb.CREATED, created.pid)
+        call("Start", pb.StartRequest(id=cid), pb.StartResponse)
+        writer = os.open(fifos["stdin"], os.O_WRONLY)  # stays open: EOF must come from CloseIO
+        os.write(writer, b"abc\n")
+        out = b""
+        deadline = time.monotonic() + 20
+        while b"abc" not in out and time.monotonic() < deadline:
+            out += read_some(out_fd)
+        assert b"abc" in out
+        call("CloseIO", pb.CloseIORequest(id=cid, stdin=True))
+        waited = call("Wait", pb.WaitRequest(id=cid), pb.WaitResponse)
+        assert waited.exit_status == 0 and waited.exited_at.seconds > 0
+        deadline = time.monotonic() + 5
+        while b"eof-seen" not in out and time.monotonic() < deadline:
+            out += read_some(out_fd)
+        assert out == b"abc\neof-seen\n"
+        os.close(writer)
+        assert call("State", pb.StateRequest(id=cid), pb.StateResponse).status == pb.STOPPED
+        deleted = call("Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
+        assert (deleted.pid, deleted.exit_status) == (created.pid, 0)
+        call("Shutdown", pb.ShutdownRequest(id=cid))
+        deadline = time.monotonic() + 10
+        while len(sink.topics) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sink.topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    finally:
+        client.close()
+        if shim_pid and os.path.exists(f"/proc/{shim_pid}"):
+            deadline = time.monotonic() + 10  # Shutdown ends it; if not, end it here
+            while os.path.exists(f"/proc/{shim_pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if os.path.exists(f"/proc/{shim_pid}"):
+                os.kill(shim_pid, 9)
+        os.close(out_fd)
+        sink.close()
+        deadline = time.monotonic() + 10
+        while qemu_pids(tag) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not qemu_pids(tag)
+        assert not os.path.exists(os.path.join(bundle, "runv", cid))
+
+
+def read_some(fd: int) -> bytes:
+    time.sleep(0.05)
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return b""
