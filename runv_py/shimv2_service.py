@@ -286,7 +286,8 @@ class TaskService:
                 p.exited(0)  # never started: release its waiters
             del self.execs[req.exec_id]
         else:
-            p.done.wait(3.0) if self.record_status() == "stopped" else None
+            if self.record_status() == "stopped":
+                p.done.wait(3.0)  # the exit is being reaped right now
             if not p.done.is_set():
                 if p.status != "created":
                     raise TtrpcError(FAILED_PRECONDITION, f"container {self.cid} is still running")
