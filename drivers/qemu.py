@@ -74,8 +74,10 @@ class QemuDriver:
         cmd = [self.qemu, "-name", f"runv-py:{name}", *accel,
                "-smp", str(config.cpus), "-m", f"{config.memory_mib}M",
                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-               "-kernel", config.kernel, "-initrd", config.initrd,
-               "-append", self.kernel_cmdline(config),
+               # An incoming VM (a template's clone) never boots: its RAM holds the
+               # kernel already, and loading 30 MB of boot files would cost time and memory.
+               *([] if incoming else ["-kernel", config.kernel, "-initrd", config.initrd,
+                                      "-append", self.kernel_cmdline(config)]),
                "-serial", f"file:{CONSOLE_LOG}",
                "-device", "virtio-serial-device,max_ports=4",
                "-chardev", f"socket,id=ctl,path={CONTROL_SOCKET},server=on,wait=off",

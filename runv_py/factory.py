@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import queue
-import tempfile
 import threading
 import time
 
@@ -214,6 +213,7 @@ class CacheFactory:
         self.inflight = None      # the QEMU of the boot under way
         self.size = size
         self.config = config
+        import tempfile
         self.dir = tempfile.mkdtemp(prefix="runv-py-cache-", dir=cache_dir or None)
         self.ready = collections.deque()
         self.lock = threading.Condition()

@@ -14,13 +14,9 @@ memory file, so they go on working, and the kernel frees it when the last one st
 import base64
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import shlex
-import shutil
-import tempfile
 import time
 
 from .agent_client import AgentClient, AgentError
@@ -42,6 +38,7 @@ class TemplateError(DriverError):
 
 def memory_file_for(template_dir: str) -> str:
     """The /dev/shm file holding a template's RAM, named after its directory."""
+    import hashlib
     digest = hashlib.sha256(os.path.abspath(template_dir).encode()).hexdigest()[:16]
     return os.path.join(SHM_DIR, f"runv-py-template-{digest}.mem")
 
@@ -98,6 +95,42 @@ def _qmp_wait(vm, done, what: str, timeout: float = MIGRATE_TIMEOUT):
         time.sleep(0.005)
 
 
+class _RawQmp:
+    """A minimal synchronous QMP client for a clone's few commands: qemu.qmp's asyncio
+    client costs tens of milliseconds to import and start, a third of a clone's start.
+    QEMU serves one QMP client at a time: close() frees the monitor for QemuVM.qmp()."""
+
+    def __init__(self, vm, timeout: float = 10.0):
+        from .drivers.qemu import QMP_SOCKET
+        self.sock = vm.connect(QMP_SOCKET, timeout=5)
+        self.sock.settimeout(timeout)
+        self.buf = b""
+        self._reply()  # the greeting
+        self.cmd("qmp_capabilities")
+
+    def _reply(self) -> dict:
+        while True:
+            while b"\n" not in self.buf:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise DriverError("QEMU closed its QMP socket")
+                self.buf += data
+            line, self.buf = self.buf.split(b"\n", 1)
+            message = json.loads(line)
+            if "event" not in message:
+                return message
+
+    def cmd(self, command: str, **args):
+        self.sock.sendall(json.dumps({"execute": command, "arguments": args}).encode() + b"\n")
+        reply = self._reply()
+        if "error" in reply:
+            raise DriverError(f"QMP {command} failed: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return", {})
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def _file_id(path: str) -> list:
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
@@ -106,6 +139,9 @@ def _file_id(path: str) -> list:
 def create(driver, config, template_dir: str) -> dict:
     """Boot a VM from ``config``, save it as a template in ``template_dir``; returns the
     template's metadata. Raises TemplateError if one exists already."""
+    import shlex
+    import shutil
+    import tempfile
     from .factory import BOOT_TIMEOUT, connect_agent
     template_dir = os.path.abspath(template_dir)
     with _DirLock(template_dir):
@@ -220,22 +256,26 @@ def clone(driver, meta: dict, template_dir: str, config, workdir: str, name: str
         # The agent's ports were connected when the template was saved: connecting before
         # the state loads means the guest never sees them close, and answers at once.
         agent = AgentClient(*vm.channels())
-        vm.qmp_command("migrate-set-capabilities",
-                       capabilities=[{"capability": "x-ignore-shared", "state": True}])
-        vm.qmp_command("migrate-incoming", uri=f"exec:cat {own}/{state_fd}")
+        qmp = _RawQmp(vm)
+        try:
+            qmp.cmd("migrate-set-capabilities",
+                    capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            qmp.cmd("migrate-incoming", uri=f"exec:cat {own}/{state_fd}")
 
-        def loaded():
-            status = vm.qmp_command("query-status").get("status")
-            if status not in ("inmigrate", "paused", "running"):
-                raise TemplateError(f"loading the template failed (VM {status}): {vm.failure()}")
-            return status != "inmigrate"
-        _qmp_wait(vm, loaded, "loading the template")
-        vm.qmp_command("cont")
+            def loaded():
+                status = qmp.cmd("query-status").get("status")
+                if status not in ("inmigrate", "paused", "running"):
+                    raise TemplateError(f"loading the template failed (VM {status})")
+                return status != "inmigrate"
+            _qmp_wait(vm, loaded, "loading the template")
+            qmp.cmd("cont")
+        finally:
+            qmp.close()
         # A clone is not a twin: fresh entropy, its own hostname. The first answer also
         # says the agent is alive.
         agent.request(protocol.RESEED, {"data": base64.b64encode(os.urandom(64)).decode(),
                                         "hostname": name[:63]}, timeout=BOOT_TIMEOUT)
-    except (DriverError, AgentError, OSError) as e:
+    except (DriverError, AgentError, OSError, ValueError) as e:
         if agent is not None:
             agent.close()
         if vm is None:
