@@ -25,6 +25,12 @@ def compare(opts, bundle: str, runs: int, out_dir: str) -> None:
     template_dir = click.get_current_context().meta.get("runv_py.template") or ""
     results = compare_measure.compare_bundle(opts, bundle, runs, out_dir, template_dir)
     click.echo(compare_report.table(results))
-    png = compare_report.chart(results, os.path.join(out_dir, "compare.png"))
+    try:
+        png = compare_report.chart(results, os.path.join(out_dir, "compare.png"))
+    except ImportError:
+        png = ""
+        click.echo("runv-py: no chart: matplotlib is missing (pip install 'runv-py[compare]')",
+                   err=True)
     html = compare_report.html(results, png, os.path.join(out_dir, "report.html"))
-    click.echo(f"\nwrote {os.path.join(out_dir, 'compare.json')}, {png}, {html}")
+    written = [os.path.join(out_dir, "compare.json")] + ([png] if png else []) + [html]
+    click.echo(f"\nwrote {', '.join(written)}")

@@ -115,8 +115,13 @@ def _html_table(header: list, body: list) -> str:
 
 def html(results: dict, png_path: str, path: str) -> str:
     """One self-contained HTML file: the table, the chart inline, the probes; returns path."""
-    with open(png_path, "rb") as f:
-        png = base64.b64encode(f.read()).decode()
+    if png_path:
+        with open(png_path, "rb") as f:
+            png = base64.b64encode(f.read()).decode()
+        figure = f'<img alt="latency distributions" src="data:image/png;base64,{png}">'
+    else:
+        figure = ("<p>No chart: matplotlib is not installed "
+                  "(<code>pip install 'runv-py[compare]'</code>).</p>")
     esc = html_lib.escape
     host = results["host"]
     notes = "".join(f"<li>{esc(n)}: skipped: {esc(w)}</li>" for n, w in results.get("skipped", {}).items())
@@ -136,7 +141,7 @@ kernel {esc(host['kernel'])}, {host['cpus']} CPUs ({esc(host['cpu_model'])}),
 {_html_table(*rows(results))}
 <ul>{notes}</ul>
 <h2>Latency distributions</h2>
-<img alt="latency distributions" src="data:image/png;base64,{png}">
+{figure}
 <h2>Isolation probes</h2>
 {_html_table(*isolation_rows(results)).replace('<table>', '<table class="probes">', 1)}
 </body></html>
