@@ -133,13 +133,14 @@ class NamespaceVM:
         # Capped like the VM it stands in for: its memory and its vCPUs.
         cmd += [f"--memory={config.memory_mib * 1024 * 1024}", f"--cpus={config.cpus}"]
         parent = os.getpid()
+        import ctypes
+        libc = ctypes.CDLL(None)  # loaded here: no imports between fork and exec
 
         def enter():  # in the child, before exec
-            import ctypes
             # If we die, the launcher kills the agent and removes the cgroups: SIGTERM,
             # blocked until its handler is in place.
             signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
             if os.getppid() != parent:
                 os._exit(1)  # the runtime died before the parent-death signal was set
             sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET
