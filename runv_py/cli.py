@@ -11,7 +11,7 @@ import sys
 import click
 
 from . import __version__
-from .cli_manage import factory_options, factory_settings, manage
+from .cli_manage import factory_maker, factory_options, factory_settings, manage
 
 
 class Options:
@@ -126,7 +126,7 @@ def run(opts, bundle, detach, pid_file, console_socket, container_id):
     if detach:
         from . import lifecycle
         lifecycle.create(opts.root, container_id, bundle, opts.boot_config(), opts.driver,
-                         pid_file, console_socket)
+                         pid_file, console_socket, factory_maker=factory_maker())
         lifecycle.start(opts.root, container_id)
         return
     from .run import run as run_container
@@ -148,7 +148,8 @@ def create(opts, bundle, pid_file, console_socket, no_pivot, no_new_keyring, std
     """Create a container in a new VM; its process waits for `start`."""
     from . import lifecycle
     lifecycle.create(opts.root, container_id, bundle, opts.boot_config(), opts.driver,
-                     pid_file, console_socket, stdio_paths=split_stdio(stdio))
+                     pid_file, console_socket, stdio_paths=split_stdio(stdio),
+                     factory_maker=factory_maker())
 
 
 def split_stdio(value: str) -> tuple:

@@ -39,6 +39,18 @@ def factory_settings() -> dict:
             "template_dir": meta.get(META_TEMPLATE) or ""}
 
 
+def factory_maker():
+    """For lifecycle.create (the shim): None (boot directly) or driver -> factory."""
+    settings = factory_settings()
+    if not settings["factory_policy"] and not settings["template_dir"]:
+        return None
+
+    def make(driver):
+        from .factory import OneShotFactory
+        return OneShotFactory(driver, **settings)
+    return make
+
+
 def _template_dir() -> str:
     return click.get_current_context().meta.get(META_TEMPLATE) or DEFAULT_TEMPLATE_DIR
 

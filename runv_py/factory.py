@@ -203,10 +203,14 @@ class CacheFactory:
 
     name = "cache"
 
-    def __init__(self, base, size: int, config: BootConfig, cache_dir: str = ""):
+    def __init__(self, base, size: int, config: BootConfig, cache_dir: str = "",
+                 name_prefix: str = ""):
+        """VMs are named ``name_prefix-N`` (default ``cache-PID-N``) and live in a new
+        directory below ``cache_dir`` (default: the system's temporary directory)."""
         if size < 1:
             raise ValueError("a cache holds at least one VM")
         self.base = base
+        self.name_prefix = name_prefix or f"cache-{os.getpid()}"
         # Told of each QEMU the refill thread launches: close() stops a VM still
         # booting instead of waiting for it.
         self.launcher = getattr(base, "driver", None)
@@ -245,7 +249,7 @@ class CacheFactory:
                 n = self.count
             workdir = os.path.join(self.dir, str(n))
             try:
-                booted = self.base.get_vm(self.config, workdir, f"cache-{os.getpid()}-{n}")
+                booted = self.base.get_vm(self.config, workdir, f"{self.name_prefix}-{n}")
             except Exception as e:
                 _remove_dir(workdir)
                 with self.lock:
@@ -408,13 +412,18 @@ def parse_policy(policy) -> list:
     return out
 
 
-def make_factory(driver, policy=None, template_dir: str = "", base_config: BootConfig = None):
+def make_factory(driver, policy=None, template_dir: str = "", base_config: BootConfig = None,
+                 cache_dir: str = "", cache_name: str = ""):
     """The factory for a policy (see parse_policy) or a template directory.
 
     ``template_dir`` alone (``--template DIR``): clone every VM from the template there,
     which must exist. A policy entry with ``template: true`` uses (creating it if missing)
     the template in ``template_dir`` or the default one. ``base_config`` gives the
-    kernel, initrd and default size of what the policy's factories boot."""
+    kernel, initrd and default size of what the policy's factories boot; ``cache_dir``
+    and ``cache_name`` where a cache keeps its VMs and what it calls them.
+
+    Call it after private_mount_namespace(): a cache's VMs are spawned by a thread
+    that must see the sandboxes' bind mounts."""
     from . import template
     entries = parse_policy(policy or [])
     base_config = base_config or BootConfig()
@@ -434,7 +443,7 @@ def make_factory(driver, policy=None, template_dir: str = "", base_config: BootC
             else:
                 factory = DirectFactory(driver)
             if entry["cache"]:
-                factory = CacheFactory(factory, entry["cache"], config)
+                factory = CacheFactory(factory, entry["cache"], config, cache_dir, cache_name)
             factories.append((factory, config))
     except BaseException:
         for factory, _ in factories:
@@ -446,9 +455,29 @@ def make_factory(driver, policy=None, template_dir: str = "", base_config: BootC
 def boot_one(driver, config: BootConfig, workdir: str, name: str, policy=None,
              template_dir: str = "") -> BootedVM:
     """One VM from the factory a policy describes, the factory closed afterwards (the
-    one-container-per-process CLI)."""
-    factory = make_factory(driver, policy, template_dir, config)
+    one-container-per-process CLI). A cache's VMs live in ``workdir`` and carry ``name``:
+    whatever happens to this process, they go with the container's state."""
+    factory = make_factory(driver, policy, template_dir, config, cache_dir=workdir,
+                           cache_name=name)
     try:
         return factory.get_vm(config, workdir, name)
     finally:
         factory.close()
+
+
+class OneShotFactory:
+    """make_factory for a process that starts one VM (a shim): the policy's factory
+    exists only while it hands that VM out, so no spare VM outlives the request."""
+
+    name = "one-shot"
+
+    def __init__(self, driver, factory_policy=None, template_dir: str = ""):
+        self.driver = driver
+        self.policy = factory_policy
+        self.template_dir = template_dir
+
+    def get_vm(self, config: BootConfig, workdir: str, name: str) -> BootedVM:
+        return boot_one(self.driver, config, workdir, name, self.policy, self.template_dir)
+
+    def close(self) -> None:
+        pass
