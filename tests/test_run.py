@@ -42,7 +42,16 @@ def runv(runv, driver):
     deadline = time.monotonic() + 5
     while namespace_leftovers(runv.tag) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not namespace_leftovers(runv.tag), "namespace agents or cgroups leaked"
+    leaked = namespace_leftovers(runv.tag)
+    for pid in [int(x) for x in leaked if x.isdigit()]:
+        try:
+            os.kill(pid, signal.SIGTERM)  # the launcher then kills its agent, removes cgroups
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while namespace_leftovers(runv.tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not leaked, f"namespace agents or cgroups leaked: {leaked}"
 
 
 def out(result) -> str:
