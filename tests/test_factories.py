@@ -114,6 +114,25 @@ def test_detached_container_is_a_clone(runv, bundle):
     runv("delete", "--force", cid, check=True)
 
 
+def test_remove_template_under_a_running_container(runv, bundle, tmp_path):
+    if runv.factory != "template":
+        pytest.skip("--template alone")
+    runv.check_log = False
+    tdir = str(tmp_path / "own-template")
+    runv("--template", tdir, "manage", "create-template", check=True)
+    cid = runv.id()
+    runv.detached("--log", "", "--template", tdir, "run", "-d", "-b", bundle(["sleep", "600"]), cid)
+    runv("--template", tdir, "manage", "remove-template", check=True)
+    assert not os.path.exists(tdir) and not shm_files(tdir)
+    # The clone lives on its private copy of the unlinked memory file.
+    r = runv("exec", cid, "sh", "-c", "head -c 40000000 /dev/zero > /dev/shm/f; ls -l /dev/shm/f; echo ok",
+             check=True)
+    assert r.stdout.decode().strip().endswith("ok") and b"40000000" in r.stdout
+    r = runv("--template", tdir, "run", "-b", bundle(["true"]), runv.id("gone"))
+    assert r.returncode != 0 and b"no VM template" in r.stderr
+    runv("delete", "--force", cid, check=True)
+
+
 def test_bigger_than_the_template_cold_boots(runv, bundle):
     if runv.factory != "template":
         pytest.skip("the template's own sizing rule")
