@@ -104,6 +104,9 @@ class TemplateFactory:
     def __init__(self, driver, template_dir: str, create_from: BootConfig = None):
         """With ``create_from``, a missing template is made from that config first."""
         from . import template
+        if getattr(driver, "kind", "") != "vm":
+            raise template.TemplateError("VM templates need a VM driver, not "
+                                         f"{getattr(driver, 'name', driver)}")
         self.driver = _safe(driver)
         self.template_dir = os.path.abspath(template_dir)
         self.direct = DirectFactory(self.driver)
@@ -413,7 +416,7 @@ def parse_policy(policy) -> list:
 
 
 def make_factory(driver, policy=None, template_dir: str = "", base_config: BootConfig = None,
-                 cache_dir: str = "", cache_name: str = ""):
+                 cache_dir: str = "", cache_name: str = "") -> "DirectFactory | TemplateFactory | MultiFactory":
     """The factory for a policy (see parse_policy) or a template directory.
 
     ``template_dir`` alone (``--template DIR``): clone every VM from the template there,

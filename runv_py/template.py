@@ -60,6 +60,7 @@ def load(template_dir: str) -> dict:
 
 
 def exists(template_dir: str) -> bool:
+    """Whether a complete template (its metadata, written last) is in ``template_dir``."""
     return os.path.isfile(os.path.join(template_dir, META_FILE))
 
 
@@ -143,6 +144,8 @@ def create(driver, config, template_dir: str) -> dict:
     import shutil
     import tempfile
     from .factory import BOOT_TIMEOUT, connect_agent
+    if getattr(driver, "kind", "") != "vm":
+        raise TemplateError(f"VM templates need a VM driver, not {getattr(driver, 'name', driver)}")
     template_dir = os.path.abspath(template_dir)
     with _DirLock(template_dir):
         if exists(template_dir):
@@ -230,7 +233,7 @@ def fits(meta: dict, config) -> str:
 
 
 def clone(driver, meta: dict, template_dir: str, config, workdir: str, name: str,
-          share_dir: str):
+          share_dir: str) -> tuple:
     """Start a clone of the template in ``workdir``; returns (QemuVM, AgentClient, config).
 
     ``config`` is the template's own BootConfig with the request's other settings."""

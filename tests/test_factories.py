@@ -382,3 +382,12 @@ def test_bad_policies():
     for bad in ("nope", '[{"cache": -1}]', '[{"caches": 1}]', '[1]', '{"cpu": "2"}'):
         with pytest.raises(ValueError):
             parse_policy(bad)
+
+
+def test_templates_need_a_vm_driver(tmp_path):
+    namespace = probe("namespace")
+    with pytest.raises(DriverError, match="need a VM driver"):
+        TemplateFactory(namespace, str(tmp_path / "t"))
+    with pytest.raises(DriverError, match="need a VM driver"):
+        template.create(namespace, BootConfig(), str(tmp_path / "t"))
+    assert not os.path.exists(tmp_path / "t")
