@@ -447,6 +447,11 @@ def spawn(cid: str, path: str, bundle: oci.Bundle, config, driver_name: str,
             os.setsid()
             for target, fd in enumerate(stdio_fds):
                 os.dup2(fd, target)
+            # Close the CLI's log handlers properly first: a file object closed later by
+            # the garbage collector would close whatever fd has taken its number by then.
+            for old in logging.getLogger().handlers:
+                old.close()
+            logging.getLogger().handlers = []
             # Keep only stdio and the report pipe: an inherited lock or socket of the
             # CLI must not live on in the shim.
             os.closerange(3, write_end)
