@@ -103,6 +103,7 @@ class Supervisor:
         self.containers = {}              # id -> record (bundle, labels, stdio, processes)
         self.known_status = {}            # id -> last status seen
         self.known_exits = {}             # id -> exec ids whose exit is logged
+        self.starting = set()             # (id, exec id) whose start is not logged yet
         self.stop = threading.Event()
         self.solo_done = False
         self.recover()
@@ -153,6 +154,8 @@ class Supervisor:
             if mine is None or mine.get("creating"):
                 return
             for exec_id, code in (record.get("exec_exits") or {}).items():
+                if (cid, exec_id) in self.starting:
+                    continue  # its start-process event comes first; look again next round
                 if exec_id not in self.known_exits.setdefault(cid, set()):
                     self.known_exits[cid].add(exec_id)
                     if not self.events.seen(cid, "exit", exec_id):
@@ -160,7 +163,7 @@ class Supervisor:
                     mine["processes"].pop(exec_id, None)
                     self.save(cid)
             self.known_status[cid] = status
-            if status == "stopped":
+            if status == "stopped" and (cid, "init") not in self.starting:
                 self.reap(cid, record)
 
     def reap(self, cid: str, record: dict) -> None:
@@ -240,14 +243,20 @@ class Supervisor:
             self.containers.pop(cid, None)
 
     def start(self, cid: str) -> None:
+        with self.lock:
+            self.starting.add((cid, "init"))
         try:
             lifecycle.start(self.root, cid)
         except (lifecycle.LifecycleError, st.NotFound) as e:
+            with self.lock:
+                self.starting.discard((cid, "init"))
             raise SupervisorError(classify(str(e)), str(e)) from None
         with self.lock:
             self.containers[cid]["started"] = True
             self.save(cid)
-        self.events.append("start-container", cid, "init")
+            # Logged before the watcher may log the exit of a process that ends at once.
+            self.events.append("start-container", cid, "init")
+            self.starting.discard((cid, "init"))
 
     def record(self, cid: str) -> dict:
         with self.lock:
@@ -268,11 +277,17 @@ class Supervisor:
         with open(spec_path, "w") as f:
             json.dump(process, f)
         pid_file = spec_path + ".pid"
+        with self.lock:
+            self.starting.add((cid, pid_name))
         try:
             self.cli("exec", "-d", "--exec-id", pid_name, "--stdio", ",".join(stdio),
                      "--pid-file", pid_file, "-p", spec_path, cid)
             with open(pid_file) as f:
                 holder = int(f.read())
+        except BaseException:
+            with self.lock:
+                self.starting.discard((cid, pid_name))
+            raise
         finally:
             for path in (spec_path, pid_file):
                 try:
@@ -284,7 +299,8 @@ class Supervisor:
                                              "stdio": list(stdio),
                                              "terminal": bool(process.get("terminal"))}
             self.save(cid)
-        self.events.append("start-process", cid, pid_name)
+            self.events.append("start-process", cid, pid_name)
+            self.starting.discard((cid, pid_name))
         return holder
 
     def shim(self, cid: str, op: str, **args) -> dict:
