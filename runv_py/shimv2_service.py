@@ -17,7 +17,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 from . import lifecycle
 from . import state as st
-from . import statedir
+from . import cgroupfiles, statedir
+from .cgroupfiles import MAX_UINT64
 from .shimv2_pb import shimv2_pb2 as pb
 from .shimv2_console import Console
 from .shimv2_events import Publisher
@@ -425,7 +426,7 @@ class TaskService:
             resources = json.loads(req.resources.value or b"{}")
         except ValueError:
             raise TtrpcError(INVALID_ARGUMENT, "resources are not OCI JSON") from None
-        self.request({"op": "update", "cgroup": cgroup_values(resources)})
+        self.request({"op": "update", "cgroup": cgroupfiles.limits(resources)})
         return pb.Empty()
 
     def stats(self, req) -> pb.StatsResponse:
@@ -495,49 +496,22 @@ class TaskService:
         self.events.drain(timeout)
 
 
-MAX_UINT64 = (1 << 64) - 1
-
-
 def guest_metrics(files: Dict[str, str]) -> "pb.Metrics":
     """Metrics from the guest's cgroup v2 files (name -> text)."""
-    def number(text: str) -> int:
-        text = (text or "").strip()
-        return MAX_UINT64 if text == "max" else int(text) if text.isdigit() else 0
-
-    def table(text: str) -> Dict[str, int]:
-        pairs = (line.split() for line in (text or "").splitlines())
-        return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
-
-    cpu = table(files.get("cpu.stat", ""))
-    mem = table(files.get("memory.stat", ""))
+    cpu = cgroupfiles.table(files.get("cpu.stat", ""))
+    mem = cgroupfiles.table(files.get("memory.stat", ""))
     metrics = pb.Metrics()
-    metrics.pids.current = number(files.get("pids.current", ""))
-    metrics.pids.limit = number(files.get("pids.max", ""))
+    metrics.pids.current = cgroupfiles.number(files.get("pids.current", ""))
+    metrics.pids.limit = cgroupfiles.number(files.get("pids.max", ""), MAX_UINT64)
     for name in ("usage_usec", "user_usec", "system_usec", "nr_periods", "nr_throttled",
                  "throttled_usec"):
         setattr(metrics.cpu, name, cpu.get(name, 0))
     for name in ("anon", "file", "kernel_stack", "slab", "sock", "shmem", "file_mapped",
                  "file_dirty", "file_writeback", "pgfault", "pgmajfault"):
         setattr(metrics.memory, name, mem.get(name, 0))
-    metrics.memory.usage = number(files.get("memory.current", ""))
-    metrics.memory.usage_limit = number(files.get("memory.max", ""))
+    metrics.memory.usage = cgroupfiles.number(files.get("memory.current", ""))
+    metrics.memory.usage_limit = cgroupfiles.number(files.get("memory.max", ""), MAX_UINT64)
     return metrics
-
-
-def cgroup_values(resources: dict) -> dict:
-    """OCI LinuxResources as cgroup v2 files in the guest."""
-    values = {}
-    limit = (resources.get("memory") or {}).get("limit")
-    if limit:
-        values["memory.max"] = str(limit) if limit > 0 else "max"
-    cpu = resources.get("cpu") or {}
-    if cpu.get("quota"):
-        quota = cpu["quota"]
-        values["cpu.max"] = f"{quota if quota > 0 else 'max'} {cpu.get('period') or 100000}"
-    pids = (resources.get("pids") or {}).get("limit")
-    if pids:
-        values["pids.max"] = str(pids) if pids > 0 else "max"
-    return values
 
 
 def mount_rootfs(bundle: str, mounts: list) -> None:

@@ -181,7 +181,8 @@ def test_delete_is_idempotent(tmp_path):
 
 
 def test_guest_cgroup_files_become_containerd_metrics_and_limits():
-    from runv_py.shimv2_service import MAX_UINT64, cgroup_values, guest_metrics
+    from runv_py.cgroupfiles import MAX_UINT64, limits as cgroup_values
+    from runv_py.shimv2_service import guest_metrics
     m = guest_metrics({"pids.current": "3\n", "pids.max": "max\n", "memory.current": "4096\n",
                        "memory.max": "1048576\n", "cpu.stat": "usage_usec 7\nsystem_usec 2\n",
                        "memory.stat": "anon 10\nfile 20\npgfault 5\n"})

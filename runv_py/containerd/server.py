@@ -17,7 +17,8 @@ from google.protobuf import timestamp_pb2
 
 from . import api_pb2 as pb
 from . import api_pb2_grpc as pb_grpc
-from .supervisor import Supervisor, SupervisorError, remove_dir
+from .. import cgroupfiles, statedir
+from .supervisor import Supervisor, SupervisorError
 
 log = logging.getLogger("runv_py.containerd")
 
@@ -46,20 +47,6 @@ def memory_bytes() -> int:
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def parse_kv(text: str) -> dict:
-    out = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            out[parts[0]] = int(parts[1])
-    return out
-
-
-def number(text: str) -> int:
-    text = text.strip()
-    return int(text) if text.isdigit() else 0
 
 
 class API(pb_grpc.APIServicer):
@@ -118,9 +105,8 @@ class API(pb_grpc.APIServicer):
 
     def Stats(self, request, context):
         raw = self._call(context, self.sup.stats, request.id)
-        cpu = parse_kv(raw.get("cpu.stat", ""))
-        mem = parse_kv(raw.get("memory.stat", ""))
-        limit = raw.get("memory.max", "").strip()
+        cpu = cgroupfiles.table(raw.get("cpu.stat", ""))
+        mem = cgroupfiles.table(raw.get("memory.stat", ""))
         stats = pb.CgroupStats(
             cpu_stats=pb.CpuStats(cpu_usage=pb.CpuUsage(
                 total_usage=cpu.get("usage_usec", 0) * 1000,
@@ -130,11 +116,12 @@ class API(pb_grpc.APIServicer):
                                                   throttled_periods=cpu.get("nr_throttled", 0),
                                                   throttled_time=cpu.get("throttled_usec", 0) * 1000)),
             memory_stats=pb.MemoryStats(cache=mem.get("file", 0), usage=pb.MemoryData(
-                usage=number(raw.get("memory.current", "")),
-                limit=int(limit) if limit.isdigit() else 0,
-                failcnt=parse_kv(raw.get("memory.events", "")).get("oom_kill", 0)), stats=mem),
-            pids_stats=pb.PidsStats(current=number(raw.get("pids.current", "")),
-                                    limit=number(raw.get("pids.max", ""))))
+                usage=cgroupfiles.number(raw.get("memory.current", "")),
+                limit=cgroupfiles.number(raw.get("memory.max", "")),
+                failcnt=cgroupfiles.table(raw.get("memory.events", "")).get("oom_kill", 0)),
+                stats=mem),
+            pids_stats=pb.PidsStats(current=cgroupfiles.number(raw.get("pids.current", "")),
+                                    limit=cgroupfiles.number(raw.get("pids.max", ""))))
         return pb.StatsResponse(cgroup_stats=stats, timestamp=timestamp(time.time()))
 
     def Events(self, request, context):
@@ -269,7 +256,7 @@ def serve(cli_args: list, state_dir: str, containerd_dir: str, listen: str,
     supervisor.close()
     pid_file.release()
     if solo_namespaced and supervisor.solo_done:
-        remove_dir(containerd_dir)
+        statedir.remove(containerd_dir)
     try:
         os.unlink(listen)
     except FileNotFoundError:

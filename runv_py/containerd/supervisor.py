@@ -15,9 +15,9 @@ import threading
 import time
 
 from .. import bundle as oci
+from .. import cgroupfiles
 from .. import lifecycle
 from .. import state as st
-from .. import statedir
 
 log = logging.getLogger("runv_py.containerd")
 
@@ -101,7 +101,6 @@ class Supervisor:
         self.events = EventLog(os.path.join(containerd_dir, "events.log"))
         self.lock = threading.RLock()
         self.containers = {}              # id -> record (bundle, labels, stdio, processes)
-        self.known_status = {}            # id -> last status seen
         self.known_exits = {}             # id -> exec ids whose exit is logged
         self.starting = set()             # (id, exec id) whose start is not logged yet
         self.stop = threading.Event()
@@ -128,7 +127,6 @@ class Supervisor:
                 continue
             cid = record["id"]
             self.containers[cid] = record
-            self.known_status[cid] = "unknown"
             self.known_exits[cid] = {pid for pid in record.get("processes", {})
                                      if self.events.seen(cid, "exit", pid)}
         log.info("recovered %d containers", len(self.containers))
@@ -162,7 +160,6 @@ class Supervisor:
                         self.events.append("exit", cid, exec_id, int(code))
                     mine["processes"].pop(exec_id, None)
                     self.save(cid)
-            self.known_status[cid] = status
             if status == "stopped" and (cid, "init") not in self.starting:
                 self.reap(cid, record)
 
@@ -180,7 +177,6 @@ class Supervisor:
         except (st.NotFound, lifecycle.LifecycleError, oci.BundleError):
             pass
         del self.containers[cid]
-        self.known_status.pop(cid, None)
         self.known_exits.pop(cid, None)
         try:
             os.unlink(os.path.join(self.records, cid + ".json"))
@@ -330,11 +326,8 @@ class Supervisor:
 
     def update(self, cid: str, status: str, memory: int, cpu_quota: int, cpu_period: int) -> None:
         self.record(cid)
-        limits = {}
-        if memory:
-            limits["memory.max"] = memory
-        if cpu_quota:
-            limits["cpu.max"] = f"{cpu_quota} {cpu_period or 100000}"
+        limits = cgroupfiles.limits({"memory": {"limit": memory},
+                                     "cpu": {"quota": cpu_quota, "period": cpu_period}})
         if limits:
             self.shim(cid, "update", cgroup=limits)
         if status == "paused":
@@ -393,6 +386,3 @@ def classify(message: str) -> str:
         return "INVALID_ARGUMENT"
     return "INTERNAL"
 
-
-def remove_dir(path: str) -> None:
-    statedir.remove(path)
