@@ -386,9 +386,9 @@ class Agent:
     def oom_killed(self, container: Container) -> bool:
         try:
             with open(os.path.join(container.cgroup, "memory.events")) as f:
-                return any(line.split() == ["oom_kill", str(n)] and n > 0
-                           for line in f for n in [int(line.split()[1])])
-        except (OSError, ValueError, IndexError):
+                counts = dict(line.split() for line in f if len(line.split()) == 2)
+            return int(counts.get("oom_kill", "0")) > 0
+        except (OSError, ValueError):
             return False
 
     # ---- commands -------------------------------------------------------------------

@@ -24,6 +24,7 @@ import time
 
 from . import agent as a
 from . import syscalls as sc
+from .agent import write_file
 
 V1_LIMITS = {"memory": ("memory", "memory.limit_in_bytes"), "pids": ("pids", "pids.max")}
 # cgroup v2 file names the host asks for (READFILE with cgroup) and their v1 homes.
@@ -46,11 +47,6 @@ CAPABILITIES = (
     "SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
     "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF "
     "CHECKPOINT_RESTORE").split()
-
-
-def write_file(path: str, data: str) -> None:
-    with open(path, "w") as f:
-        f.write(data)
 
 
 class HostAgent(a.Agent):

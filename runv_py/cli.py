@@ -296,9 +296,9 @@ def exec(opts, process_file, tty, detach, cwd, env, user, pid_file, console_sock
         process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
     if tty:
         process["terminal"] = True
-    from .run import RawTerminal, _nothing
+    from .run import RawTerminal
     raw = process.get("terminal") and not detach and not console_socket and os.isatty(0)
-    with RawTerminal() if raw else _nothing():
+    with RawTerminal(enabled=raw):
         status = lifecycle.exec_process(opts.root, container_id, process, detach, pid_file,
                                         console_socket, exec_id, split_stdio(stdio))
     sys.exit(status)

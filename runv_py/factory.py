@@ -11,7 +11,6 @@ import time
 
 from .agent_client import AgentClient, AgentGone
 from .drivers import DriverError
-from .drivers import qemu as qemu_driver
 from .hyperstart import protocol
 
 log = logging.getLogger("runv_py.factory")

@@ -25,12 +25,13 @@ class RunError(Exception):
 class RawTerminal:
     """Puts the host terminal in raw mode for a container with ``terminal: true``."""
 
-    def __init__(self, fd: int = 0):
+    def __init__(self, fd: int = 0, enabled: bool = True):
         self.fd = fd
+        self.enabled = enabled
         self.saved = None
 
     def __enter__(self):
-        if os.isatty(self.fd):
+        if self.enabled and os.isatty(self.fd):
             import termios
             import tty
             self.saved = termios.tcgetattr(self.fd)
@@ -80,7 +81,7 @@ def run(bundle_path: str, cid: str, root: str, config: BootConfig, driver_name: 
             if size:
                 process["consoleSize"] = {"height": size[0], "width": size[1]}
         sandbox.create_container(cid, bundle, process)
-        with RawTerminal() if terminal else _nothing():
+        with RawTerminal(enabled=terminal):
             pump_stdin(agent, seq_out, 0, close=False)
             install_signal_forwarding(sandbox, cid, seq_out if terminal else 0)
             event = agent.wait_exit(cid, "init", (seq_out, seq_err))
@@ -95,14 +96,6 @@ def run(bundle_path: str, cid: str, root: str, config: BootConfig, driver_name: 
         if sandbox is not None:
             sandbox.destroy()
         statedir.remove(state)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def install_signal_forwarding(sandbox: Sandbox, cid: str, tty_seq: int) -> None:
