@@ -315,3 +315,29 @@ def test_resources_size_the_vm_and_rlimits_apply(runv, bundle):
     assert int(meminfo.split()[1]) > 512 * 1024
     assert nofile == "123"
     assert set(groups.split()) >= {"7", "8"}
+
+
+def test_concurrent_calls_on_one_id_are_serialised(runv, bundle):
+    """Five `start`s of one created container at once: exactly one starts it, the others
+    are told it is running; then concurrent pause/resume pairs leave it consistent."""
+    cid = runv.id()
+    runv.detached("create", "-b", bundle(["sleep", "600"]), cid)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(runv("start", cid)))
+               for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(r.returncode for r in results) == [0, 1, 1, 1, 1]
+    assert all(b"running" in r.stderr for r in results if r.returncode)
+    threads = [threading.Thread(target=lambda: (runv("pause", cid), runv("resume", cid)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert runv.state(cid)["status"] in ("running", "paused")
+    runv("resume", cid)
+    assert runv("exec", cid, "true").returncode == 0
+    runv("delete", "--force", cid, check=True)
