@@ -15,7 +15,7 @@ import uuid
 from common import RUNV, bundle, have_runc, median, row, timed
 
 from runv_py.drivers import probe
-from runv_py.factory import BootConfig
+from runv_py.vm.boot import BootConfig
 
 
 def floor_command(workdir: str) -> list:

@@ -9,7 +9,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from runv_py.busybox_bundle import make_bundle  # noqa: E402
+from runv_py.oci.busybox import make_bundle  # noqa: E402
 
 RUNV = [sys.executable, "-m", "runv_py.cli"]
 

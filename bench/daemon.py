@@ -17,8 +17,8 @@ from common import RUNV, bundle, median
 
 import grpc
 
-from runv_py.containerd import api_pb2 as pb
-from runv_py.containerd import api_pb2_grpc as pb_grpc
+from runv_py.containerd02 import api_pb2 as pb
+from runv_py.containerd02 import api_pb2_grpc as pb_grpc
 
 
 def first_output_run(b: str, root: str) -> float:

@@ -19,30 +19,32 @@ import uuid
 
 from common import RUNV, bundle, have_runc, median, row, timed
 
-from runv_py import bundle as oci
-from runv_py import statedir, template
+from runv_py.oci import bundle as oci
 from runv_py.drivers import probe
-from runv_py.factory import BootConfig, CacheFactory, DirectFactory, TemplateFactory
-from runv_py.sandbox import Sandbox, private_mount_namespace
+from runv_py.host import statedir
+from runv_py.sandbox import ProcessIO, Sandbox, private_mount_namespace
+from runv_py.vm import template
+from runv_py.vm.boot import BootConfig, DirectFactory
+from runv_py.vm.factory import CacheFactory
+from runv_py.vm.template import TemplateFactory
 
 
 def start_container(factory, workdir: str, name: str, b: oci.Bundle, wait: bool) -> Sandbox:
-    """A container in a VM from ``factory``; with ``wait``, run it to its exit and tear
-    everything down (returns None)."""
-    sandbox = Sandbox(name, factory.get_vm(BootConfig(), workdir, name))
+    """A container in a VM from ``factory``, through the sandbox API; with ``wait``, run
+    it to its exit and tear everything down (returns None)."""
+    sandbox = None
     try:
-        sandbox.start_pod("")
-        agent = sandbox.agent
-        seq = agent.new_seq()
-        agent.attach(seq, lambda data: None)
-        sandbox.create_container(name, b, oci.process_message(b.process, "init", seq, 0))
+        sandbox = Sandbox.boot(name, factory, BootConfig(), workdir)
+        sandbox.create_container(name, b, ProcessIO())
+        sandbox.start_container(name)
         if not wait:
             return sandbox
-        event = agent.wait_exit(name, "init", (seq,), timeout=60)
-        if event is None or event["status"] != 0:
-            raise RuntimeError(f"{name} failed: {event} {sandbox.vm.failure()}")
+        exit = sandbox.wait(name, timeout=60)
+        if exit is None or exit.status != 0:
+            raise RuntimeError(f"{name} failed: {exit} {sandbox.vm.failure()}")
     except BaseException:
-        sandbox.destroy()
+        if sandbox is not None:
+            sandbox.destroy()
         statedir.remove(workdir)
         raise
     sandbox.destroy()

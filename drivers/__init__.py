@@ -13,8 +13,11 @@ QEMU_BINARY = "qemu-system-x86_64"
 DRIVER_NAMES = ("", "kvm", "qemu-tcg", "qemu", "namespace")
 
 
-class DriverError(Exception):
-    """No usable driver, or the driver could not start a VM."""
+from ..hyperstart.errors import Unavailable
+
+
+class DriverError(Unavailable):
+    """No usable driver, or the driver could not start (or reach) a VM."""
 
 
 def kvm_verdict() -> tuple:

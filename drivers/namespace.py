@@ -20,69 +20,21 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
+from ..hyperstart import syscalls as sc
+from ..hyperstart.cgroups import remove_tree, v1_cgroup_dirs
 from . import DriverError
 
 log = logging.getLogger("runv_py.drivers.namespace")
 
 AGENT_LOG = "agent.log"
-CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 CGROUP_PARENT = "runv-py"
-PR_SET_PDEATHSIG = 1
-
-
-def v1_cgroup_dirs() -> dict:
-    """controller -> this process's own directory in that cgroup v1 hierarchy."""
-    mounts = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] != "cgroup":
-                continue
-            for opt in fields[sep + 3].split(","):
-                if opt in CONTROLLERS:
-                    mounts.setdefault(opt, fields[4])
-    own = {}
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, names, path = line.rstrip("\n").split(":", 2)
-            for name in names.split(","):
-                own[name] = path
-    return {c: os.path.join(m, own.get(c, "/").lstrip("/")) for c, m in mounts.items()}
-
-
-def remove_tree(path: str, timeout: float = 5.0) -> bool:
-    """rmdir a cgroup and its children, waiting for their dying tasks to go."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            for root, dirs, _ in os.walk(path, topdown=False):
-                for d in dirs:
-                    os.rmdir(os.path.join(root, d))
-            os.rmdir(path)
-            return True
-        except FileNotFoundError:
-            return True
-        except OSError:
-            if time.monotonic() > deadline:
-                log.warning("cannot remove cgroup %s", path)
-                return False
-            time.sleep(0.02)
-
-
-def mounts_below(path: str) -> list:
-    """Mount points strictly below ``path`` in this mount namespace."""
-    prefix = path.rstrip("/") + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    return [p.encode().decode("unicode_escape") for p in points if p.startswith(prefix)]
 
 
 class NamespaceDriver:
     kind = "namespace"
     name = "namespace"
+    supports_templates = False
 
     def describe(self) -> dict:
         return {"driver": self.name, "hypervisor": "none (host kernel)",
@@ -106,6 +58,8 @@ class NamespaceDriver:
 class NamespaceVM:
     """The agent process tree standing in for a VM, and what it holds on the host."""
 
+    share_tag = ""            # the share is the host directory itself
+
     def __init__(self, name: str, workdir: str, share_dir: str):
         self.name = name
         self.workdir = workdir
@@ -117,7 +71,6 @@ class NamespaceVM:
         self._channels = None
 
     def start(self, config) -> None:
-        from ..hyperstart import syscalls as sc
         self.cgroups = self.cgroup_paths()
         # A shared mount: later rootfs binds under it reach the agent's namespace.
         sc.mount(self.share_dir, self.share_dir, None, sc.MS_BIND)
@@ -133,14 +86,12 @@ class NamespaceVM:
         # Capped like the VM it stands in for: its memory and its vCPUs.
         cmd += [f"--memory={config.memory_mib * 1024 * 1024}", f"--cpus={config.cpus}"]
         parent = os.getpid()
-        import ctypes
-        libc = ctypes.CDLL(None)  # loaded here: no imports between fork and exec
 
-        def enter():  # in the child, before exec
+        def enter():  # in the child, before exec: no imports here
             # If we die, the launcher kills the agent and removes the cgroups: SIGTERM,
             # blocked until its handler is in place.
             signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            sc.die_with_parent(signal.SIGTERM)
             if os.getppid() != parent:
                 os._exit(1)  # the runtime died before the parent-death signal was set
             sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET
@@ -225,7 +176,6 @@ class NamespaceVM:
 
     def stop(self, timeout: float = 3.0) -> None:
         """Kill the agent (and with it its pid namespace), then undo cgroups and mounts."""
-        from ..hyperstart import syscalls as sc
         if self.alive():
             if "freezer" in self.cgroups:
                 try:
@@ -237,7 +187,8 @@ class NamespaceVM:
                 self.process.kill()
                 self.wait(timeout)
         for path in self.cgroups.values():
-            remove_tree(path)
+            if not remove_tree(path):
+                log.warning("cannot remove cgroup %s", path)
             try:
                 os.rmdir(os.path.dirname(path))  # the shared runv-py parent, if now empty
             except OSError:
@@ -245,7 +196,7 @@ class NamespaceVM:
         self.cgroups = {}
         # The sandbox undoes its rootfs binds below the share after this; while they are
         # there the share stays (the state directory's removal unmounts it in the end).
-        if self.share_mounted and not mounts_below(self.share_dir):
+        if self.share_mounted and not sc.mounts_below(self.share_dir):
             try:
                 sc.umount(self.share_dir, sc.MNT_DETACH)
             except OSError as e:

@@ -7,11 +7,13 @@ directory so socket paths stay short whatever the container id.
 """
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import time
 
+from ..hyperstart import syscalls
 from . import DriverError
 
 log = logging.getLogger("runv_py.drivers.qemu")
@@ -22,7 +24,7 @@ QMP_SOCKET = "qmp.sock"
 CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
 SHARE_TAG = "runvshare"
-PR_SET_PDEATHSIG = 1
+MIGRATE_TIMEOUT = 30.0
 
 
 def host_tsc_khz() -> int:
@@ -39,13 +41,13 @@ def host_tsc_khz() -> int:
 
 
 def _die_with_parent() -> None:
-    # QEMU must not outlive the process that owns it (the shim, or `runv-py run`).
-    import ctypes
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # QEMU must not outlive the thread that launched it (see vm/launcher.py).
+    syscalls.die_with_parent(signal.SIGKILL)
 
 
 class QemuDriver:
     kind = "vm"
+    supports_templates = True
 
     def __init__(self, qemu: str, accel: str, reason: str):
         self.qemu = qemu
@@ -123,11 +125,16 @@ class QemuDriver:
                                         start_new_session=True)
             except OSError as e:
                 raise DriverError(f"cannot start {self.qemu}: {e}") from None
+        if incoming:
+            # A clone is driven over QMP at once: load the client while QEMU starts.
+            import qemu.qmp.legacy  # noqa: F401
         return QemuVM(self, proc, workdir)
 
 
 class QemuVM:
     """A running QEMU process and the files through which it is reached."""
+
+    share_tag = SHARE_TAG     # the guest mounts the sandbox's share with this 9p tag
 
     def __init__(self, driver: QemuDriver, process: subprocess.Popen, workdir: str):
         self.driver = driver
@@ -219,6 +226,48 @@ class QemuVM:
 
     def resume(self) -> None:
         self.qmp_command("cont")
+
+    # ---- templates ------------------------------------------------------------------
+
+    def save_state(self, path: str) -> None:
+        """Stop the guest and write its device state to ``path``. With the RAM in a
+        shared file, x-ignore-shared leaves it out: the state is tens of KB."""
+        self.qmp_command("stop")
+        self._ignore_shared_memory()
+        self.qmp_command("migrate", uri=f"exec:cat > {shlex.quote(path)}")
+
+        def completed() -> bool:
+            status = self.qmp_command("query-migrate").get("status")
+            if status in ("failed", "cancelled"):
+                raise DriverError(f"saving the VM state failed ({status}): {self.failure()}")
+            return status == "completed"
+        self._poll(completed, "saving the VM state", interval=0.005)
+
+    def load_state(self, path: str) -> None:
+        """Load ``path`` into this incoming VM (launched with ``incoming``) and run it."""
+        self._ignore_shared_memory()  # QEMU refuses the state of a VM saved with it otherwise
+        self.qmp_command("migrate-incoming", uri=f"exec:cat {shlex.quote(path)}")
+
+        def loaded() -> bool:
+            status = self.status()
+            if status not in ("inmigrate", "paused", "running"):
+                raise DriverError(f"loading the VM state failed (VM {status}): {self.failure()}")
+            return status != "inmigrate"
+        self._poll(loaded, "loading the VM state", interval=0.001)  # about 5 ms of work
+        self.qmp_command("cont")
+
+    def _ignore_shared_memory(self) -> None:
+        self.qmp_command("migrate-set-capabilities",
+                         capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
+    def _poll(self, done, what: str, interval: float, timeout: float = MIGRATE_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if not self.alive():
+                raise DriverError(f"QEMU exited while {what}: {self.failure()}")
+            if time.monotonic() > deadline:
+                raise DriverError(f"{what} did not finish within {timeout:.0f}s")
+            time.sleep(interval)
 
     # ---- shutdown -------------------------------------------------------------------
 

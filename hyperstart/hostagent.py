@@ -4,36 +4,23 @@
 --cgroup memory=PATH --cgroup pids=PATH ...`` is started by ``drivers/namespace.py``
 already inside new mount, UTS, IPC and network namespaces and with CLONE_NEWPID
 unshared, so its first child is PID 1 of a new pid namespace. That child runs the same
-``Agent`` as the guest, with ``guest=False``; this process stays outside, waits for it
+``Agent`` as the guest, on a ``HostPlatform``; this process stays outside, waits for it
 and kills it (SIGKILL on PID 1 ends every process of the namespace) when told to stop.
 
 This host uses cgroup v1 (hybrid), where the memory, pids and cpu controllers cannot be
-attached to a private cgroup2 hierarchy, so ``HostAgent`` keeps the agent's cgroup v2
-calls but maps them onto one v1 directory per controller. cgroup v1 has no
-``memory.oom.group``: the agent registers an OOM eventfd on the container's memory cgroup
-and kills the whole container when the kernel reports an OOM, which is what
-``memory.oom.group`` does in the guest (the kernel's own OOM kill of the largest task
-still happens first).
+attached to a private cgroup2 hierarchy: the platform's ``HostCgroups`` (cgroups.py) map
+the agent's cgroup v2 requests onto one v1 directory per controller.
 """
 import argparse
-import base64
 import os
 import signal
 import sys
-import time
 
-from . import agent as a
 from . import syscalls as sc
-from .agent import write_file
+from .agent import Agent, log
+from .cgroups import HostCgroups, remove_tree, write_file
+from .errors import InvalidArgument
 
-V1_LIMITS = {"memory": ("memory", "memory.limit_in_bytes"), "pids": ("pids", "pids.max")}
-# cgroup v2 file names the host asks for (READFILE with cgroup) and their v1 homes.
-V1_FILES = {"memory.current": ("memory", "memory.usage_in_bytes"),
-            "memory.max": ("memory", "memory.limit_in_bytes"),
-            "memory.peak": ("memory", "memory.max_usage_in_bytes"),
-            "memory.stat": ("memory", "memory.stat"),
-            "pids.current": ("pids", "pids.current"), "pids.max": ("pids", "pids.max"),
-            "cpu.stat": ("cpu", "cpu.stat")}
 # runc's defaults: a container sharing the host's kernel must not reach these through
 # its own /proc (in a VM they belong to the guest's kernel, so the guest keeps them).
 PROC_READONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")
@@ -49,125 +36,47 @@ CAPABILITIES = (
     "CHECKPOINT_RESTORE").split()
 
 
-class HostAgent(a.Agent):
-    """The agent with host-side set-up: no 9p, no reboot, cgroup v1 controllers."""
+class HostPlatform:
+    """The host's kernel, shared with everything else: cgroup v1, no 9p (the share is
+    the host directory itself), no RNG or power of its own, and containers bounded by
+    their capabilities and kept away from the host kernel's knobs in /proc."""
 
-    def __init__(self, control_fd: int, stream_fd: int, share_dir: str, cgroups: dict):
-        super().__init__(control_fd, stream_fd, guest=False)
+    def __init__(self, share_dir: str, cgroups: dict):
+        self.cgroups = HostCgroups(cgroups)
         self.share_dir = share_dir
-        self.cgroup_parents = cgroups         # controller -> the sandbox's directory
-        self.groups = {}                      # container id -> {controller: path}
-        self.oom = {}                         # container id -> OOM seen
-        self.oom_fds = {}                     # container id -> its OOM eventfd
 
-    def cmd_startpod(self, msg: dict):
-        # Our own UTS namespace: the hostname is ours to set. The share is the host path.
-        self.hostname = msg.get("hostname") or ""
-        if self.hostname:
-            sc.sethostname(self.hostname)
-        return None
+    def set_hostname(self, name: str) -> None:
+        sc.sethostname(name)  # our own UTS namespace
 
-    def cmd_reseed(self, msg: dict):
-        return None  # the host's kernel RNG is not ours to reseed
+    def mount_share(self, tag: str) -> None:
+        pass
 
-    def make_cgroup(self, cid: str, resources: dict) -> str:
-        paths = {c: os.path.join(parent, cid) for c, parent in self.cgroup_parents.items()}
-        for path in paths.values():
-            os.makedirs(path, exist_ok=True)
-        self.groups[cid] = paths
-        for key, (controller, name) in V1_LIMITS.items():
-            if resources.get(key) and controller in paths:
-                write_file(os.path.join(paths[controller], name), str(resources[key]))
-        if resources.get("memory") and "memory" in paths:
-            memsw = os.path.join(paths["memory"], "memory.memsw.limit_in_bytes")
-            if os.path.exists(memsw):  # no swapping past the limit, as in the guest
-                write_file(memsw, str(resources["memory"]))
-            self.watch_oom(cid, paths["memory"])
-        if resources.get("cpu") and "cpu" in paths:
-            quota, period = str(resources["cpu"]).split()
-            write_file(os.path.join(paths["cpu"], "cpu.cfs_period_us"), period)
-            write_file(os.path.join(paths["cpu"], "cpu.cfs_quota_us"), quota)
-        return paths.get("memory") or next(iter(paths.values()))
+    def reseed(self, data: bytes) -> None:
+        pass  # the host's kernel RNG is not ours to reseed
 
-    def watch_oom(self, cid: str, path: str) -> None:
-        """Get told of the container's OOMs, to kill all of it as memory.oom.group would.
+    def protect_proc(self, proc_dir: str) -> None:
+        protect_proc(proc_dir)
 
-        (``oom_kill_disable`` would hold the tasks instead, but then an allocation made
-        inside a system call fails with EFAULT rather than waiting.)"""
-        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        control = os.open(os.path.join(path, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
-        write_file(os.path.join(path, "cgroup.event_control"), f"{efd} {control}")
-        os.close(control)
-
-        def on_oom() -> None:
-            try:
-                os.eventfd_read(efd)
-            except BlockingIOError:
-                return
-            container = self.containers.get(cid)
-            if container is not None:
-                self.oom[cid] = True
-                self.kill_all(container, signal.SIGKILL)
-
-        self.watch[efd] = on_oom
-        self.oom_fds[cid] = efd
-
-    def join_cgroup(self, container: a.Container) -> None:
-        for path in self.groups[container.id].values():
-            write_file(os.path.join(path, "cgroup.procs"), "0")
-
-    def oom_killed(self, container: a.Container) -> bool:
-        return self.oom.get(container.id, False)
-
-    def remove_cgroup(self, container: a.Container) -> None:
-        paths = self.groups.pop(container.id, {})
-        efd = self.oom_fds.pop(container.id, -1)
-        if efd >= 0:
-            del self.watch[efd]
-            os.close(efd)
-        for path in paths.values():
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
-        self.oom.pop(container.id, None)
-
-    def mount_one(self, root: str, m: dict) -> None:
-        super().mount_one(root, m)
-        if m.get("type") == "proc" and m.get("destination", "").rstrip("/") == "/proc":
-            protect_proc(a.secure_join(root, "/proc"))
-
-    def child_exec(self, proc: a.Process, init: bool, stdio: tuple, err_w: int, gate_r: int) -> None:
-        """Limit the capability bounding set to the process's (or else its container's):
+    def bound_capabilities(self, proc) -> None:
+        """Limit the bounding set to the process's capabilities (or its container's):
         a container that shares the host's kernel must not keep all of root's powers.
         Set-up before exec still has them; the exec'd program gets only these."""
-        try:
-            caps = proc.spec.get("capabilities")
-            if not caps and proc.container.init is not None:
-                caps = proc.container.init.spec.get("capabilities")
-            if caps and caps.get("bounding") is not None:
-                drop_bounding_set(caps["bounding"])
-        except BaseException as e:
-            os.write(err_w, f"container set-up failed: capabilities: {e}".encode())
-            os._exit(1)
-        super().child_exec(proc, init, stdio, err_w, gate_r)
+        caps = proc.spec.capabilities
+        init = proc.container.init
+        if caps is None and init is not None:
+            caps = init.spec.capabilities
+        if caps is not None and caps.bounding is not None:
+            drop_bounding_set(caps.bounding)
 
-    def cmd_readfile(self, msg: dict) -> dict:
-        if msg.get("cgroup"):
-            container = self.container(msg)
-            controller, name = V1_FILES.get(os.path.basename(msg["file"]), (None, None))
-            if controller not in self.groups.get(container.id, {}):
-                raise a.AgentError(f"no cgroup file {msg['file']} on this host")
-            with open(os.path.join(self.groups[container.id][controller], name), "rb") as f:
-                return {"data": base64.b64encode(f.read(1 << 20)).decode()}
-        return super().cmd_readfile(msg)
+    def power_off(self) -> None:
+        pass
 
 
 def drop_bounding_set(keep: list) -> None:
     wanted = {n.upper().removeprefix("CAP_") for n in keep}
     unknown = wanted - set(CAPABILITIES)
     if unknown:
-        raise a.AgentError(f"unknown capabilities {sorted(unknown)}")
+        raise InvalidArgument(f"unknown capabilities {sorted(unknown)}")
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
     for number, name in enumerate(CAPABILITIES[:last + 1]):
@@ -197,7 +106,7 @@ def become_namespace_init() -> None:
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the launcher
 
 
-def remove_cgroups(cgroups: dict, timeout: float = 5.0) -> None:
+def remove_cgroups(cgroups: dict) -> None:
     """Leave the sandbox's cgroups and remove them with what the agent left in them.
 
     Done here, not only by the driver, so that a runtime killed with SIGKILL (this
@@ -207,21 +116,9 @@ def remove_cgroups(cgroups: dict, timeout: float = 5.0) -> None:
             write_file(os.path.join(os.path.dirname(path), "cgroup.procs"), "0")
         except OSError:
             pass
-    deadline = time.monotonic() + timeout
     for path in cgroups.values():
-        while os.path.isdir(path):
-            try:
-                for root, dirs, _ in os.walk(path, topdown=False):
-                    for d in dirs:
-                        os.rmdir(os.path.join(root, d))
-                os.rmdir(path)
-            except FileNotFoundError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    a.log(f"cannot remove cgroup {path}")
-                    break
-                time.sleep(0.02)  # the killed tasks are still exiting
+        if not remove_tree(path):
+            log(f"cannot remove cgroup {path}")
 
 
 def make_cgroups(cgroups: dict, memory_bytes: int, cpus: int) -> None:
@@ -265,7 +162,7 @@ def main(argv=None) -> int:
     try:
         make_cgroups(cgroups, args.memory, args.cpus)
     except OSError as e:
-        a.log(f"fatal: cannot set up the sandbox's cgroups: {e}")
+        log(f"fatal: cannot set up the sandbox's cgroups: {e}")
         remove_cgroups(cgroups)
         return 1
     child = os.fork()
@@ -275,10 +172,10 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])  # containers inherit the mask
             become_namespace_init()
-            HostAgent(args.control_fd, args.stream_fd, args.share, agent_cgroups).run()
+            Agent(args.control_fd, args.stream_fd, HostPlatform(args.share, agent_cgroups)).run()
             os._exit(0)
         except BaseException as e:
-            a.log(f"fatal: {type(e).__name__}: {e}")
+            log(f"fatal: {type(e).__name__}: {e}")
             os._exit(1)
     state["child"] = child
     os.close(args.control_fd)

@@ -20,7 +20,10 @@ BUSYBOX = "/bin/busybox"
 DEFAULT_OUTPUT = "/var/lib/runv-py/initrd.img"
 CACHE = os.environ.get("RUNV_CACHE", "/var/cache/runv-py")
 PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "busybox-static"]
-AGENT_FILES = ["__init__.py", "protocol.py", "syscalls.py", "agent.py"]
+# The agent's modules: everything in hyperstart but the host-only ones.
+AGENT_FILES = ["__init__.py", "protocol.py", "messages.py", "errors.py", "states.py",
+               "syscalls.py", "model.py", "rootfs.py", "spawn.py", "cgroups.py",
+               "commands.py", "agent.py", "guest.py"]
 # Imported lazily by the agent (in children, or on error paths), so named explicitly.
 EXTRA_MODULES = ["resource", "traceback", "warnings", "encodings.utf_8", "encodings.latin_1",
                  "encodings.ascii"]
@@ -29,7 +32,7 @@ BUSYBOX_APPLETS = ["sh", "ls", "cat", "mount", "reboot", "poweroff", "ps", "dmes
 INIT = """#!/usr/bin/python3.11 -ISB
 import sys
 sys.path.insert(0, "/lib/runv")
-from hyperstart.agent import guest_main
+from hyperstart.guest import guest_main
 guest_main()
 """
 # A trivial init for the benchmark's raw boot floor: boot, then reboot (QEMU exits).
@@ -73,7 +76,7 @@ def module_files(stage_lib: str) -> list:
     probe = (
         "import sys, importlib\n"
         f"sys.path.insert(0, {stage_lib!r})\n"
-        "import hyperstart.agent\n"
+        "import hyperstart.guest\n"
         f"for m in {EXTRA_MODULES!r}: importlib.import_module(m)\n"
         "for mod in list(sys.modules.values()):\n"
         "    f = getattr(getattr(mod, '__spec__', None), 'origin', None)\n"

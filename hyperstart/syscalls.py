@@ -100,3 +100,36 @@ def private_mount_namespace() -> None:
     """
     unshare(CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def die_with_parent(sig: int) -> None:
+    """Get ``sig`` when the parent (the thread that forked us) dies."""
+    prctl(PR_SET_PDEATHSIG, sig)
+
+
+def mounts_below(path: str, include_self: bool = False) -> list:
+    """Mount points below ``path`` in this mount namespace, deepest first. mountinfo
+    escapes space, tab, newline and backslash in paths as octal (\\040...)."""
+    prefix = os.path.abspath(path).rstrip("/") + "/"
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                point = _unescape(line.split()[4])
+                if point.startswith(prefix) or (include_self and point == prefix[:-1]):
+                    found.append(point)
+    except OSError:
+        pass
+    return sorted(found, key=len, reverse=True)
+
+
+def _unescape(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from runv_py.busybox_bundle import make_bundle
+from runv_py.oci.busybox import make_bundle
 
 KERNEL = os.environ.get("RUNV_KERNEL", "/var/lib/runv-py/kernel")
 INITRD = os.environ.get("RUNV_INITRD", "/var/lib/runv-py/initrd.img")

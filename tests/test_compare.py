@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import INITRD, KERNEL, qemu_pids
-from runv_py.busybox_bundle import make_bundle
+from runv_py.oci.busybox import make_bundle
 
 pytestmark = [pytest.mark.vm]
 
@@ -131,7 +131,7 @@ def test_probes_show_guest_kernel_under_vm_and_host_kernel_under_namespace(repor
 # ---- the parsing and judging, without containers ----------------------------------------
 
 def test_work_script_marks_parse_to_seconds():
-    from runv_py.compare_measure import CompareError, parse_marks
+    from runv_py.compare.measure import CompareError, parse_marks
     text = "".join(f"@{i}\n    time.tv_sec:  100\n    time.tv_usec: {i * 1000}\n" for i in range(7))
     assert parse_marks(text) == pytest.approx([100 + i / 1000 for i in range(7)])
     with pytest.raises(CompareError):
@@ -139,7 +139,7 @@ def test_work_script_marks_parse_to_seconds():
 
 
 def test_probes_are_judged_against_the_host():
-    from runv_py.compare_measure import judge_probes
+    from runv_py.compare.measure import judge_probes
     host = {"kernel": "6.18", "mounts": ["/srv/data"], "netdevs": ["eth0"]}
     leaky = judge_probes({"kernel": "6.18", "host_pid": "yes", "processes": "90",
                           "mounts": "/ /proc /srv/data", "netdevs": "lo eth0",
@@ -159,7 +159,7 @@ def test_probes_are_judged_against_the_host():
 
 
 def test_derived_bundle_shares_the_rootfs(tmp_path):
-    from runv_py.compare_measure import derived_bundle
+    from runv_py.compare.measure import derived_bundle
     source = make_bundle(str(tmp_path / "b"), ["sh"], readonly=True)
     target = derived_bundle(source, str(tmp_path / "d"), ["true"], env={"A": "1"}, writable=True)
     with open(os.path.join(target, "config.json")) as f:

@@ -12,9 +12,9 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from conftest import INITRD, KERNEL, qemu_pids
-from runv_py.busybox_bundle import make_bundle
-from runv_py.containerd import api_pb2 as pb
-from runv_py.containerd import api_pb2_grpc as pb_grpc
+from runv_py.oci.busybox import make_bundle
+from runv_py.containerd02 import api_pb2 as pb
+from runv_py.containerd02 import api_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 

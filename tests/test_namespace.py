@@ -45,7 +45,7 @@ def test_sigkill_of_the_runtime_leaves_no_agent_cgroup_or_mount(runv, bundle, st
     with open("/proc/self/mountinfo") as f:
         assert runv.tag not in f.read()
     # A killed `run` leaves its state directory, under either driver: remove it.
-    from runv_py import statedir
+    from runv_py.host import statedir
     statedir.remove(os.path.join(runv.root, cid))
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import qemu_pids
 from runv_py import ttrpc
-from runv_py.busybox_bundle import make_bundle
-from runv_py.shimv2_pb import shimv2_pb2 as pb
+from runv_py.oci.busybox import make_bundle
+from runv_py.shimv2.pb import shimv2_pb2 as pb
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(120)]
 

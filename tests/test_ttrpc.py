@@ -10,10 +10,10 @@ import uuid
 import pytest
 
 from runv_py import ttrpc
-from runv_py.shimv2 import Flags, socket_path
-from runv_py.shimv2_events import Publisher
-from runv_py.shimv2_pb import shimv2_pb2 as pb
-from runv_py.shimv2_pb import ttrpc_pb2
+from runv_py.shimv2.main import Flags, socket_path
+from runv_py.shimv2.events import Publisher
+from runv_py.shimv2.pb import shimv2_pb2 as pb
+from runv_py.ttrpc import ttrpc_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -181,11 +181,13 @@ def test_delete_is_idempotent(tmp_path):
 
 
 def test_guest_cgroup_files_become_containerd_metrics_and_limits():
-    from runv_py.cgroupfiles import MAX_UINT64, limits as cgroup_values
-    from runv_py.shimv2_service import guest_metrics
-    m = guest_metrics({"pids.current": "3\n", "pids.max": "max\n", "memory.current": "4096\n",
-                       "memory.max": "1048576\n", "cpu.stat": "usage_usec 7\nsystem_usec 2\n",
-                       "memory.stat": "anon 10\nfile 20\npgfault 5\n"})
+    from runv_py.oci.resources import MAX_UINT64, cgroup_limits as cgroup_values
+    from runv_py.sandbox import ContainerStats
+    from runv_py.shimv2.metrics import metrics
+    m = metrics(ContainerStats.from_files(
+        {"pids.current": "3\n", "pids.max": "max\n", "memory.current": "4096\n",
+         "memory.max": "1048576\n", "cpu.stat": "usage_usec 7\nsystem_usec 2\n",
+         "memory.stat": "anon 10\nfile 20\npgfault 5\n"}))
     assert (m.pids.current, m.pids.limit) == (3, MAX_UINT64)
     assert (m.cpu.usage_usec, m.cpu.system_usec, m.cpu.user_usec) == (7, 2, 0)
     assert (m.memory.usage, m.memory.usage_limit, m.memory.anon, m.memory.pgfault) == \

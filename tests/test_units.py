@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from runv_py import bundle as oci
+from runv_py.oci import bundle as oci
 from runv_py.drivers import DriverError, kvm_verdict, probe
 from runv_py.hyperstart import protocol as p
 
@@ -65,10 +65,15 @@ def test_bundle_errors_name_the_problem(tmp_path):
         oci.load(str(tmp_path))
 
 
-def test_resources_become_cgroup_values():
-    res = oci.guest_resources({"memory": {"limit": 1 << 26}, "pids": {"limit": 10},
-                               "cpu": {"quota": 50000, "period": 100000}})
-    assert res == {"memory": 1 << 26, "pids": 10, "cpu": "50000 100000"}
+def test_resources_become_cgroup_values_and_size_the_vm():
+    from runv_py.oci.resources import cgroup_limits, vm_size
+    resources = {"memory": {"limit": 1 << 26}, "pids": {"limit": 10},
+                 "cpu": {"quota": 150000, "period": 100000}}
+    assert cgroup_limits(resources) == {"memory.max": str(1 << 26), "pids.max": "10",
+                                        "cpu.max": "150000 100000"}
+    assert cgroup_limits({"memory": {"limit": -1}, "pids": {"limit": 0}}) == {"memory.max": "max"}
+    assert vm_size(resources, 1, 256) == (2, 64 + 96)
+    assert vm_size({}, 1, 256) == (1, 256)
 
 
 def test_probe_on_this_machine():

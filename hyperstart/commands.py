@@ -1,0 +1,236 @@
+"""What the agent does for each command of the host (one handler per message class).
+
+Containers and processes follow the state machines of states.py: a container is
+``created`` while its init waits at its start gate, ``running`` once started, ``stopped``
+when its init has exited; commands that need another state fail with StateError (code
+FAILED_PRECONDITION), unknown ids with NotFound, taken ids with AlreadyExists.
+"""
+import binascii
+import os
+import time
+
+import _signal as signal
+
+from . import messages as m
+from . import protocol as p
+from . import states
+from .errors import AlreadyExists, InvalidArgument, NotFound
+from .model import Container, Process
+from .rootfs import secure_join
+from .spawn import Spawner, set_winsize
+
+
+class Commands:
+    def __init__(self, agent, platform):
+        self.agent = agent
+        self.platform = platform
+        self.cgroups = platform.cgroups
+        self.cgroups.on_oom = self.on_oom
+        self.spawner = Spawner(platform)
+        self.containers = {}
+        self.handlers = {
+            p.GETVERSION: self.version, p.PING: self.ping, p.STARTPOD: self.start_pod,
+            p.DESTROYPOD: self.destroy_pod, p.NEWCONTAINER: self.new_container,
+            p.STARTCONTAINER: self.start_container, p.EXECCMD: self.exec,
+            p.KILLCONTAINER: self.kill_container, p.SIGNALPROCESS: self.signal_process,
+            p.REMOVECONTAINER: self.remove_container, p.WINSIZE: self.winsize,
+            p.WRITEFILE: self.write_file, p.READFILE: self.read_file,
+            p.PROCESSLIST: self.process_list, p.RESEED: self.reseed,
+            p.STREAMCLOSED: self.stream_closed,
+        }
+
+    def container(self, cid: str) -> Container:
+        container = self.containers.get(cid)
+        if container is None:
+            raise NotFound(f"no such container {cid!r}")
+        return container
+
+    # ---- the sandbox ----------------------------------------------------------------
+
+    def version(self, msg: m.GetVersion) -> m.VersionReply:
+        return m.VersionReply(version=p.VERSION)
+
+    def ping(self, msg: m.Ping) -> None:
+        return None
+
+    def start_pod(self, msg: m.StartPod) -> None:
+        if msg.hostname:
+            self.platform.set_hostname(msg.hostname)
+        if msg.share_tag:
+            self.platform.mount_share(msg.share_tag)
+        return None
+
+    def destroy_pod(self, msg: m.DestroyPod) -> None:
+        for container in list(self.containers.values()):
+            self.kill_all(container, signal.SIGKILL)
+        self.agent.running = False  # the loop ends after this ACK is sent
+        return None
+
+    def reseed(self, msg: m.Reseed) -> None:
+        """A VM cloned from a template must not share its random state or name with its
+        siblings: fresh entropy from the host, and its own hostname."""
+        self.platform.reseed(binascii.a2b_base64(msg.data))
+        if msg.hostname:
+            self.platform.set_hostname(msg.hostname)
+        return None
+
+    # ---- containers -----------------------------------------------------------------
+
+    def new_container(self, msg: m.NewContainer) -> m.PidReply:
+        cid = msg.id
+        if not cid or "/" in cid or cid in (".", ".."):
+            raise InvalidArgument(f"bad container id {cid!r}")
+        if cid in self.containers:
+            raise AlreadyExists(f"container {cid!r} already exists")
+        root = msg.rootfs if msg.rootfs.startswith("/") else \
+            os.path.join(self.platform.share_dir, msg.rootfs)
+        if not os.path.isdir(root):
+            raise NotFound(f"rootfs {root} is not a directory")
+        container = Container(msg, root)
+        self.cgroups.create(cid, msg.limits)
+        proc = Process(container, msg.process)
+        try:
+            self.spawner.spawn(proc, init=True, wait=msg.wait)
+        except Exception:
+            self.cgroups.remove(cid)
+            raise
+        container.init = proc
+        container.processes[proc.id] = proc
+        self.containers[cid] = container
+        self.agent.track(proc)
+        if not msg.wait:
+            container.state.to(states.RUNNING, "start")
+            proc.state.to(states.RUNNING, "start")
+        return m.PidReply(pid=proc.pid)
+
+    def start_container(self, msg: m.StartContainer) -> None:
+        container = self.container(msg.container)
+        container.state.require("start", states.CREATED)
+        init = container.init
+        os.write(init.start_gate, b"s")
+        os.close(init.start_gate)
+        init.start_gate = -1
+        container.state.to(states.RUNNING, "start")
+        if not init.exited:
+            init.state.to(states.RUNNING, "start")
+        return None
+
+    def exec(self, msg: m.ExecCmd) -> m.PidReply:
+        container = self.container(msg.container)
+        container.state.require("exec in", states.CREATED, states.RUNNING)
+        spec = msg.process
+        if not spec.id:
+            raise InvalidArgument("the process needs an id")
+        if spec.id in container.processes:
+            raise AlreadyExists(f"process {spec.id!r} already exists in {container.id}")
+        proc = Process(container, spec)
+        self.spawner.spawn(proc, init=False)
+        container.processes[spec.id] = proc
+        proc.state.to(states.RUNNING, "start")
+        self.agent.track(proc)
+        return m.PidReply(pid=proc.pid)
+
+    def on_exit(self, proc: Process) -> None:
+        """A process was reaped; its container stops with its init."""
+        if proc is proc.container.init:
+            proc.container.state.stop()
+
+    def kill_container(self, msg: m.KillContainer) -> None:
+        container = self.container(msg.container)
+        if msg.all:
+            self.kill_all(container, msg.signal)
+        elif not container.init.exited:
+            os.kill(container.init.pid, msg.signal)
+        return None
+
+    def signal_process(self, msg: m.SignalProcess) -> None:
+        proc = self.container(msg.container).process(msg.process)
+        if not proc.exited:
+            os.kill(proc.pid, msg.signal)
+        return None
+
+    def remove_container(self, msg: m.RemoveContainer) -> None:
+        container = self.container(msg.container)
+        self.kill_all(container, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.cgroups.pids(container.id) and time.monotonic() < deadline:
+            time.sleep(0.01)
+            self.agent.reap()
+        for proc in container.processes.values():
+            if proc.start_gate >= 0:
+                os.close(proc.start_gate)
+                proc.start_gate = -1
+            self.agent.untrack(proc)
+        self.cgroups.remove(container.id)
+        del self.containers[container.id]
+        return None
+
+    def kill_all(self, container: Container, sig: int) -> None:
+        for pid in self.cgroups.pids(container.id):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def on_oom(self, cid: str) -> None:
+        container = self.containers.get(cid)
+        if container is not None:
+            self.kill_all(container, signal.SIGKILL)
+
+    # ---- streams and terminals --------------------------------------------------------
+
+    def stream_closed(self, msg: m.StreamClosed) -> None:
+        """The host's reader of stream ``seq`` went away: close the process's end too, so
+        that it gets EPIPE (or SIGPIPE) as it would writing to a closed pipe on the host."""
+        self.agent.close_stream(msg.seq)
+        return None
+
+    def winsize(self, msg: m.WinSize) -> None:
+        proc = self.agent.by_seq.get(msg.seq)
+        if proc is None or proc.pty_master < 0:
+            raise NotFound(f"no terminal on stream {msg.seq}")
+        set_winsize(proc.pty_master, msg.row, msg.column)
+        return None
+
+    # ---- files and processes ----------------------------------------------------------
+
+    def write_file(self, msg: m.WriteFile) -> None:
+        container = self.container(msg.container)
+        data = binascii.a2b_base64(msg.data)
+        if msg.cgroup:
+            self.cgroups.write(container.id, msg.file, data.decode())
+        else:
+            with open(secure_join(container.root_path(), msg.file), "wb") as f:
+                f.write(data)
+        return None
+
+    def read_file(self, msg: m.ReadFile) -> m.FileData:
+        container = self.container(msg.container)
+        if msg.cgroup:
+            data = self.cgroups.read(container.id, msg.file)
+        else:
+            with open(secure_join(container.root_path(), msg.file), "rb") as f:
+                data = f.read(1 << 20)
+        return m.FileData(data=binascii.b2a_base64(data, newline=False).decode())
+
+    def process_list(self, msg: m.ProcessList) -> m.ProcessListReply:
+        container = self.container(msg.container)
+        rows = []
+        for pid in self.cgroups.pids(container.id):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                with open(f"/proc/{pid}/status") as f:
+                    status = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            rows.append(m.ProcessInfo(
+                pid=pid, ppid=int(fields[1]), state=fields[0],
+                uid=int(status.get("Uid", "0").split()[0]),
+                rss_kb=int(status.get("VmRSS", "0 kB").split()[0]),
+                cmd=cmd or stat[stat.find("(") + 1:stat.rfind(")")],
+                nspid=int(status.get("NSpid", str(pid)).split()[-1])))
+        return m.ProcessListReply(processes=rows)

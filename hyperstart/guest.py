@@ -1,0 +1,104 @@
+"""The agent as /init of the guest: boot-time mounts, finding the virtio-serial ports,
+and what only a guest does (mount the 9p share, reseed the kernel RNG, power off)."""
+import fcntl
+import os
+import struct
+import time
+
+from . import protocol as p
+from . import syscalls as sc
+from .agent import Agent, log
+from .cgroups import GUEST_ROOT, GuestCgroups
+from .errors import Unavailable
+
+SHARE_DIR = "/run/runv/share"
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+
+
+class GuestPlatform:
+    """The guest: a whole kernel of the sandbox's own."""
+
+    def __init__(self):
+        self.cgroups = GuestCgroups()
+        self.share_dir = SHARE_DIR
+        self.share_mounted = False
+
+    def set_hostname(self, name: str) -> None:
+        sc.sethostname(name)
+
+    def mount_share(self, tag: str) -> None:
+        if self.share_mounted:
+            return
+        os.makedirs(SHARE_DIR, exist_ok=True)
+        sc.mount(tag, SHARE_DIR, "9p", 0,
+                 "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client")
+        self.share_mounted = True
+
+    def reseed(self, data: bytes) -> None:
+        with open("/dev/urandom", "wb") as f:
+            fcntl.ioctl(f, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+            fcntl.ioctl(f, RNDRESEEDCRNG)
+
+    def protect_proc(self, proc_dir: str) -> None:
+        pass  # the guest's /proc shows the guest's kernel only
+
+    def bound_capabilities(self, proc) -> None:
+        pass  # the VM is the boundary
+
+    def power_off(self) -> None:
+        # PID 1 must never exit: reset the machine instead (QEMU runs with -no-reboot).
+        os.sync()
+        sc.reboot(sc.LINUX_REBOOT_CMD_RESTART)
+
+
+def mount_guest_filesystems() -> None:
+    for source, target, kind, flags, data in (
+            ("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None),
+            ("sysfs", "/sys", "sysfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None),
+            ("devtmpfs", "/dev", "devtmpfs", sc.MS_NOSUID, None),
+            ("devpts", "/dev/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "ptmxmode=0666,mode=0620"),
+            ("shm", "/dev/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, None),
+            ("tmpfs", "/run", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=755"),
+            ("cgroup2", GUEST_ROOT, "cgroup2", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None)):
+        os.makedirs(target, exist_ok=True)
+        sc.mount(source, target, kind, flags, data)
+
+
+def find_port(name: str, timeout: float = 10.0) -> str:
+    """The /dev node of the virtio-serial port called ``name`` (no udev in the guest).
+
+    Ports are announced asynchronously after the driver binds, so wait for them."""
+    base = "/sys/class/virtio-ports"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            entries = sorted(os.listdir(base))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            try:
+                with open(os.path.join(base, entry, "name")) as f:
+                    if f.read().strip() == name and os.path.exists(os.path.join("/dev", entry)):
+                        return os.path.join("/dev", entry)
+            except OSError:
+                continue
+        if time.monotonic() > deadline:
+            raise Unavailable(f"virtio-serial port {name} not found (have {entries})")
+        time.sleep(0.002)
+
+
+def guest_main() -> None:
+    """Entry point as /init in the guest."""
+    platform = GuestPlatform()
+    try:
+        mount_guest_filesystems()
+        platform.cgroups.setup()
+        ctl = os.open(find_port(p.CONTROL_PORT), os.O_RDWR | os.O_NONBLOCK)
+        stream = os.open(find_port(p.STREAM_PORT), os.O_RDWR | os.O_NONBLOCK)
+        Agent(ctl, stream, platform).run()
+    except BaseException as e:
+        log(f"fatal: {type(e).__name__}: {e}")
+        import traceback
+        traceback.print_exc()
+    platform.power_off()

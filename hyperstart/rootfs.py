@@ -1,0 +1,136 @@
+"""A container's root filesystem, set up by its init before it execs: the OCI mounts,
+the default /dev, a read-only root, then a pivot (MS_MOVE + chroot) into it."""
+import errno
+import os
+
+from . import messages as m
+from . import syscalls as sc
+from .errors import InvalidArgument
+
+MOUNT_FLAGS = {
+    "ro": (sc.MS_RDONLY, True), "rw": (sc.MS_RDONLY, False),
+    "nosuid": (sc.MS_NOSUID, True), "suid": (sc.MS_NOSUID, False),
+    "nodev": (sc.MS_NODEV, True), "dev": (sc.MS_NODEV, False),
+    "noexec": (sc.MS_NOEXEC, True), "exec": (sc.MS_NOEXEC, False),
+    "sync": (sc.MS_SYNCHRONOUS, True), "async": (sc.MS_SYNCHRONOUS, False),
+    "noatime": (sc.MS_NOATIME, True), "nodiratime": (sc.MS_NODIRATIME, True),
+    "relatime": (sc.MS_RELATIME, True), "strictatime": (sc.MS_STRICTATIME, True),
+    "bind": (sc.MS_BIND, True), "rbind": (sc.MS_BIND | sc.MS_REC, True),
+    "private": (0, True), "rprivate": (0, True), "slave": (0, True), "rslave": (0, True),
+    "shared": (0, True), "rshared": (0, True),
+}
+
+DEFAULT_DEVICES = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+                   ("urandom", 1, 9), ("tty", 5, 0)]
+DEV_TMPFS = m.Mount(destination="/dev", type="tmpfs", source="tmpfs",
+                    options=["nosuid", "strictatime", "mode=755", "size=65536k"])
+DEV_PTS = m.Mount(destination="/dev/pts", type="devpts", source="devpts",
+                  options=["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"])
+
+
+def mount_options(options) -> tuple:
+    """Split OCI mount options into mount(2) flags and the filesystem data string."""
+    flags, data = 0, []
+    for opt in options or []:
+        if opt in MOUNT_FLAGS:
+            bit, on = MOUNT_FLAGS[opt]
+            flags = flags | bit if on else flags & ~bit
+        else:
+            data.append(opt)
+    return flags, ",".join(data) or None
+
+
+def secure_join(root: str, path: str) -> str:
+    """``root/path`` with every symlink resolved inside ``root``: a container's mount
+    destination cannot point the agent outside the container's root."""
+    parts = [x for x in path.split("/") if x not in ("", ".")]
+    current = ""
+    for _ in range(255):
+        if not parts:
+            return root + (current or "")
+        part = parts.pop(0)
+        if part == "..":
+            current = current.rsplit("/", 1)[0]
+            continue
+        candidate = current + "/" + part
+        full = root + candidate
+        if os.path.islink(full):
+            target = os.readlink(full)
+            if target.startswith("/"):
+                current = ""
+            parts = [x for x in target.split("/") if x not in ("", ".")] + parts
+            continue
+        current = candidate
+    raise InvalidArgument(f"too many symlinks in {path}")
+
+
+def setup_rootfs(request: m.NewContainer, root: str, share_dir: str, platform) -> None:
+    """In the container's init: mount its filesystems and make its root the root."""
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC)
+    mounts = list(request.mounts)
+    destinations = {mnt.destination.rstrip("/") for mnt in mounts}
+    if "/dev" not in destinations:
+        mounts.insert(0, DEV_TMPFS)
+    if "/dev/pts" not in destinations:
+        mounts.append(DEV_PTS)
+    for mnt in mounts:
+        mount_one(root, mnt, share_dir)
+        where = mnt.destination.rstrip("/")
+        if where == "/dev" and mnt.type == "tmpfs":
+            make_devices(os.path.join(root, "dev"))
+        elif where == "/proc" and mnt.type == "proc":
+            platform.protect_proc(secure_join(root, "/proc"))
+    if request.readonly:
+        sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
+    if request.hostname:
+        sc.sethostname(request.hostname)
+    os.chdir(root)
+    sc.mount(root, "/", None, sc.MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+
+
+def mount_one(root: str, mnt: m.Mount, share_dir: str) -> None:
+    kind = mnt.type or "bind"
+    flags, data = mount_options(mnt.options)
+    target = secure_join(root, mnt.destination)
+    source = mnt.source or kind
+    if mnt.shared:
+        source = os.path.join(share_dir, source)
+    if "bind" in mnt.options or "rbind" in mnt.options or kind == "bind":
+        flags |= sc.MS_BIND
+        if not os.path.exists(target):
+            if os.path.isdir(source):
+                os.makedirs(target, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                open(target, "a").close()
+        sc.mount(source, target, None, flags & (sc.MS_BIND | sc.MS_REC))
+        if flags & ~(sc.MS_BIND | sc.MS_REC):
+            sc.mount(None, target, None, flags | sc.MS_REMOUNT | sc.MS_BIND)
+        return
+    os.makedirs(target, exist_ok=True)
+    if kind == "cgroup":
+        kind, source, data = "cgroup2", "cgroup2", None
+    try:
+        sc.mount(source, target, kind, flags, data)
+    except OSError as e:
+        if kind == "mqueue" and e.errno in (errno.ENODEV, errno.EPERM):
+            return  # an optional filesystem the guest kernel may not carry
+        raise
+
+
+def make_devices(dev: str) -> None:
+    for name, major, minor in DEFAULT_DEVICES:
+        path = os.path.join(dev, name)
+        if not os.path.exists(path):
+            os.mknod(path, 0o666 | 0o020000, os.makedev(major, minor))
+            os.chmod(path, 0o666)
+    for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        path = os.path.join(dev, name)
+        if not os.path.lexists(path):
+            os.symlink(target, path)
+    os.makedirs(os.path.join(dev, "shm"), exist_ok=True)
+    os.makedirs(os.path.join(dev, "pts"), exist_ok=True)

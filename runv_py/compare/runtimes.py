@@ -1,0 +1,93 @@
+"""The runtimes `runv-py compare` measures, each driven through its own command line:
+runv-py with the VM driver (cold, and cloning a template), with the namespace driver,
+and runc."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from .. import paths
+
+
+class CompareError(Exception):
+    """A runtime could not do what a measurement needed."""
+
+
+# ---- runtimes ---------------------------------------------------------------------------
+
+# Environment that would change what a row measures (a template for the cold VM row...).
+RUNV_ENVIRONMENT = ("RUNV_TEMPLATE", "RUNV_FACTORY_POLICY", "RUNV_DRIVER", "RUNV_ROOT")
+
+
+class Runtime:
+    """How to run, create, exec in and delete a container with one runtime."""
+
+    def __init__(self, name: str, base: list, kind: str):
+        self.name = name
+        self.base = base          # the command line up to the subcommand
+        self.kind = kind          # "runv" or "runc"
+        self.env = {k: v for k, v in os.environ.items() if k not in RUNV_ENVIRONMENT}
+
+    def cmd(self, *args) -> list:
+        return self.base + list(args)
+
+    def run(self, bundle: str, cid: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(self.cmd("run", "-b", bundle, cid), stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout, env=self.env)
+
+    def start_detached(self, bundle: str, cid: str, timeout: float) -> None:
+        steps = [("run", "-d", "-b", bundle, cid)] if self.kind == "runc" else \
+                [("create", "-b", bundle, cid), ("start", cid)]
+        for step in steps:
+            # The container keeps the stdio it is given: never a pipe we would wait on.
+            r = subprocess.run(self.cmd(*step), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=timeout, env=self.env)
+            if r.returncode != 0:
+                raise CompareError(f"{self.name}: {' '.join(step[:1])} failed ({r.returncode})")
+
+    def exec(self, cid: str, args: list, timeout: float) -> int:
+        return subprocess.run(self.cmd("exec", cid, *args), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=timeout, env=self.env).returncode
+
+    def delete(self, cid: str) -> None:
+        force = "-f" if self.kind == "runc" else "--force"
+        subprocess.run(self.cmd("delete", force, cid), stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=60, env=self.env)
+
+
+def template_flag(template_dir: str) -> list:
+    """The CLI's global template option, if the template work has landed: [] otherwise."""
+    out = subprocess.run([sys.executable, "-m", "runv_py.cli", "--help"], capture_output=True,
+                         text=True, timeout=30).stdout
+    m = re.search(r"--template(?:\s+([A-Z]+))?\s", out)
+    if not m:
+        return []
+    return ["--template", template_dir] if m.group(1) else ["--template"]
+
+
+def runtimes(opts, state: str, template_dir: str = "") -> tuple:
+    """(runtimes to measure, {name: why it is skipped})."""
+    template_dir = template_dir or paths.TEMPLATE_DIR
+    runv = [sys.executable, "-m", "runv_py.cli", "--kernel", opts.kernel, "--initrd", opts.initrd]
+    found, skipped = [], {}
+    vm_driver = opts.driver if opts.driver and opts.driver != "namespace" else ""
+    vm = runv + ["--root", os.path.join(state, "vm")] + (["--driver", vm_driver] if vm_driver else [])
+    found.append(Runtime("runv-py vm", vm, "runv"))
+    flag = template_flag(template_dir)
+    if not flag:
+        skipped["runv-py vm (template)"] = "this runv-py has no --template option yet"
+    elif not os.path.isdir(template_dir):
+        skipped["runv-py vm (template)"] = f"no template at {template_dir}"
+    else:
+        found.append(Runtime("runv-py vm (template)",
+                             runv + ["--root", os.path.join(state, "tpl")] + flag, "runv"))
+    found.append(Runtime("runv-py namespace", runv + ["--root", os.path.join(state, "ns"),
+                                                      "--driver", "namespace"], "runv"))
+    runc = shutil.which("runc")
+    if runc:
+        found.append(Runtime("runc", [runc, "--root", os.path.join(state, "runc")], "runc"))
+    else:
+        skipped["runc"] = "runc is not installed"
+    return found, skipped

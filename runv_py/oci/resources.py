@@ -1,0 +1,37 @@
+"""OCI ``linux.resources``: the one conversion into cgroup v2 values for the guest, and
+the size of the VM that has to hold them."""
+import math
+
+MAX_UINT64 = (1 << 64) - 1
+# What the guest kernel and agent need besides the container's own memory limit.
+VM_MEMORY_OVERHEAD_MIB = 96
+MAX_CPUS = 16
+
+
+def cgroup_limits(resources: dict) -> dict:
+    """OCI LinuxResources as cgroup v2 file values; a negative limit is "max", an absent
+    or zero one is left alone."""
+    values = {}
+    limit = (resources.get("memory") or {}).get("limit")
+    if limit:
+        values["memory.max"] = str(limit) if limit > 0 else "max"
+    cpu = resources.get("cpu") or {}
+    if cpu.get("quota"):
+        quota = cpu["quota"]
+        values["cpu.max"] = f"{quota if quota > 0 else 'max'} {cpu.get('period') or 100000}"
+    pids = (resources.get("pids") or {}).get("limit")
+    if pids:
+        values["pids.max"] = str(pids) if pids > 0 else "max"
+    return values
+
+
+def vm_size(resources: dict, cpus: int, memory_mib: int) -> tuple:
+    """(cpus, memory MiB) of a VM for these resources: the memory limit plus a fixed
+    overhead, and as many vCPUs as the cpu quota asks for; the defaults otherwise."""
+    limit = (resources.get("memory") or {}).get("limit")
+    if limit and limit > 0:
+        memory_mib = max(64, math.ceil(limit / (1 << 20)) + VM_MEMORY_OVERHEAD_MIB)
+    cpu = resources.get("cpu") or {}
+    if cpu.get("quota") and cpu["quota"] > 0:
+        cpus = max(1, min(MAX_CPUS, math.ceil(cpu["quota"] / (cpu.get("period") or 100000))))
+    return cpus, memory_mib

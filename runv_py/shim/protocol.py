@@ -1,0 +1,143 @@
+"""The per-sandbox shim's socket protocol (``shim.sock`` in the state directory), shared
+by the shim's server and its clients.
+
+A request is one JSON line ``{"op": NAME, ...fields}``; file descriptors (an exec's
+stdin, stdout and stderr) travel with it as SCM_RIGHTS. Answers are JSON lines:
+``{"ok": true, ...}``, or ``{"ok": false, "code": CODE, "message": TEXT}`` where CODE is
+one of hyperstart.errors' codes, so the client raises the same error class the shim
+caught. ``Exec`` and ``Wait`` answer twice: once accepted (``pid``), once more when the
+process has exited (``exit``).
+"""
+import dataclasses
+import json
+import socket
+from typing import ClassVar, Dict, Optional, Type
+
+from ..hyperstart.errors import InvalidArgument, RunvError, code_of, from_code
+
+REQUESTS: Dict[str, Type["Request"]] = {}
+
+
+def request(op: str):
+    def register(cls):
+        cls = dataclasses.dataclass(cls)
+        cls.OP = op
+        REQUESTS[op] = cls
+        return cls
+    return register
+
+
+@dataclasses.dataclass
+class Request:
+    OP: ClassVar[str] = ""
+    container: str = ""
+
+
+@request("start")
+class Start(Request):
+    pass
+
+
+@request("kill")
+class Kill(Request):
+    signal: int = 15
+    all: bool = False
+
+
+@request("signal")
+class Signal(Request):
+    """Signal one process (exec_id "" is the container's init)."""
+    exec_id: str = ""
+    signal: int = 15
+
+
+@request("pause")
+class Pause(Request):
+    pass
+
+
+@request("resume")
+class Resume(Request):
+    pass
+
+
+@request("ps")
+class Ps(Request):
+    pass
+
+
+@request("winsize")
+class Winsize(Request):
+    exec_id: str = ""
+    rows: int = 24
+    cols: int = 80
+
+
+@request("close_stdin")
+class CloseStdin(Request):
+    exec_id: str = ""
+
+
+@request("stats")
+class Stats(Request):
+    pass
+
+
+@request("update")
+class Update(Request):
+    resources: Optional[dict] = None      # OCI LinuxResources
+
+
+@request("exec")
+class Exec(Request):
+    """Run ``process`` (OCI JSON); its stdio are the three fds sent along, or a pty whose
+    master goes to ``console_socket``."""
+    exec_id: str = ""
+    process: Optional[dict] = None
+    console_socket: str = ""
+
+
+@request("wait")
+class Wait(Request):
+    exec_id: str = ""
+
+
+@request("shutdown")
+class Shutdown(Request):
+    """End the sandbox now (its containers stop as if the VM died)."""
+
+
+def encode(req: Request) -> bytes:
+    return json.dumps(dict(dataclasses.asdict(req), op=req.OP)).encode() + b"\n"
+
+
+def decode(line: bytes) -> Request:
+    try:
+        data = json.loads(line)
+        cls = REQUESTS[data.pop("op")]
+        return cls(**data)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InvalidArgument(f"bad shim request: {e}") from None
+
+
+def ok(**fields) -> bytes:
+    return json.dumps(dict(fields, ok=True)).encode() + b"\n"
+
+
+def error(exc: BaseException) -> bytes:
+    message = str(exc) if isinstance(exc, RunvError) else f"{type(exc).__name__}: {exc}"
+    return json.dumps({"ok": False, "code": code_of(exc), "message": message}).encode() + b"\n"
+
+
+def check(reply: dict) -> dict:
+    """The reply, or the error it carries raised as its class."""
+    if not reply.get("ok"):
+        raise from_code(reply.get("code", ""), reply.get("message", "the shim failed"))
+    return reply
+
+
+def send(sock: socket.socket, data: bytes, fds=()) -> None:
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.sendall(data)

@@ -1,0 +1,134 @@
+"""A container's record (state.json in its state directory), written by its shim.
+
+The shim rewrites the record at every transition; CLI calls read it without waking the
+shim and check that the shim still lives (same pid and start time), so a killed shim
+reads as ``stopped``. A lock file serialises CLI calls on one container.
+"""
+import dataclasses
+import fcntl
+import json
+import os
+import socket
+import time
+from typing import Dict, Optional
+
+from ..host import proc, statedir
+from ..hyperstart import states
+from ..hyperstart.errors import NotFound, Unavailable
+from ..oci.state import oci_state
+
+STATE_FILE = "state.json"
+SHIM_SOCKET = "shim.sock"
+LOCK_FILE = ".lock"
+LOCK_TIMEOUT = 120.0
+
+
+@dataclasses.dataclass
+class Record:
+    id: str
+    status: str = states.STOPPED
+    pid: int = 0                  # the container's host pid: its shim
+    bundle: str = ""
+    rootfs: str = ""
+    created: str = ""
+    owner: str = ""
+    annotations: Dict[str, str] = dataclasses.field(default_factory=dict)
+    shim_pid: int = 0
+    shim_start: str = ""
+    qemu_pid: int = 0
+    started: str = ""
+    finished: str = ""
+    exit_status: Optional[int] = None
+    oom_killed: bool = False
+    execs: Dict[str, int] = dataclasses.field(default_factory=dict)        # id -> guest pid
+    exec_exits: Dict[str, int] = dataclasses.field(default_factory=dict)   # id -> status
+    path: str = ""                # the state directory (not stored)
+
+    @property
+    def shim_alive(self) -> bool:
+        return proc.alive(self.shim_pid, self.shim_start)
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.path, SHIM_SOCKET)
+
+    def oci_state(self) -> dict:
+        return oci_state(self.id, self.status, self.pid, self.bundle, self.rootfs, self.created,
+                         self.owner, self.annotations)
+
+    def write(self) -> None:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        tmp = os.path.join(self.path, STATE_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, os.path.join(self.path, STATE_FILE))
+
+
+def read(root: str, cid: str) -> Record:
+    """The record of ``cid``; NotFound if there is none. A record whose shim is gone
+    reads as stopped, and so does a half-written one (create crashed)."""
+    path = statedir.container_dir(root, cid)
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            data = json.load(f)
+        fields = {f.name for f in dataclasses.fields(Record)}
+        record = Record(**{k: v for k, v in data.items() if k in fields})
+    except FileNotFoundError:
+        if os.path.isdir(path):  # created right now, or a create that crashed
+            return Record(id=cid, path=path)
+        raise NotFound(f"container {cid!r} does not exist") from None
+    except (OSError, ValueError, TypeError):
+        return Record(id=cid, path=path)
+    record.path = path
+    if record.status != states.STOPPED and not record.shim_alive:
+        record.status = states.STOPPED
+    return record
+
+
+def list_ids(root: str) -> list:
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    return [n for n in names if os.path.isfile(os.path.join(root, n, STATE_FILE))]
+
+
+class Lock:
+    """Serialises CLI calls on one container (flock on a file in its directory)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            return self  # the container is gone; the caller will find out
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise Unavailable("another runv-py call holds this container for too long")
+                time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def connect_unix(path: str, timeout: float = 5.0) -> socket.socket:
+    """Connect to a unix socket whatever the length of its path (via an O_PATH fd)."""
+    dirfd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(f"/proc/self/fd/{dirfd}/{os.path.basename(path)}")
+        return sock
+    finally:
+        os.close(dirfd)

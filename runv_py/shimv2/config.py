@@ -1,0 +1,54 @@
+"""The shim v2's settings: containerd starts it with no flags of ours, so they come from
+a config file and the environment containerd runs with.
+
+``/etc/runv-py/runv-py.toml`` (or the file ``RUNVPY_CONFIG`` names) may set, at its top
+level: ``kernel``, ``initrd``, ``driver``, ``default_cpus``, ``default_memory`` (MiB),
+``template`` (a template directory: every VM a clone of it) and ``factory_policy`` (runV's
+policy JSON). ``RUNV_KERNEL``, ``RUNV_INITRD``, ``RUNV_DRIVER``, ``RUNV_TEMPLATE`` and
+``RUNV_FACTORY_POLICY`` in the environment override the file.
+"""
+import dataclasses
+import os
+
+from .. import paths
+from ..hyperstart.errors import InvalidArgument
+
+ENV = {"kernel": "RUNV_KERNEL", "initrd": "RUNV_INITRD", "driver": "RUNV_DRIVER",
+       "template": "RUNV_TEMPLATE", "factory_policy": "RUNV_FACTORY_POLICY"}
+
+
+@dataclasses.dataclass
+class ShimConfig:
+    kernel: str = paths.KERNEL
+    initrd: str = paths.INITRD
+    driver: str = ""
+    default_cpus: int = 1
+    default_memory: int = 256
+    template: str = ""
+    factory_policy: str = ""
+
+    def boot_config(self) -> dict:
+        return {"cpus": self.default_cpus, "memory_mib": self.default_memory,
+                "kernel": self.kernel, "initrd": self.initrd}
+
+
+def load(environ=os.environ) -> ShimConfig:
+    path = environ.get("RUNVPY_CONFIG") or paths.CONFIG_FILE
+    values = {}
+    if os.path.isfile(path):
+        import tomllib
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise InvalidArgument(f"{path}: {e}") from None
+        unknown = set(values) - {f.name for f in dataclasses.fields(ShimConfig)}
+        if unknown:
+            raise InvalidArgument(f"{path}: unknown settings {', '.join(sorted(unknown))}")
+    for name, var in ENV.items():
+        if environ.get(var):
+            values[name] = environ[var]
+    try:
+        return ShimConfig(**values)
+    except TypeError as e:
+        raise InvalidArgument(f"{path}: {e}") from None

@@ -1,0 +1,376 @@
+"""The ``containerd.task.v2.Task`` service of containerd-shim-runvpy-v2.
+
+The daemon owns its sandbox in-process, through the sandbox API: Create boots the VM
+(from the factory its config names) and creates the container there; stdio are
+containerd's FIFOs, read and written by the sandbox directly (a terminal is the guest's
+own pty: its output is the stdout FIFO). Every failure leaves as the ttrpc status its
+error code maps to (status.py).
+"""
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+from ..host import statedir
+from ..hyperstart import states
+from ..hyperstart.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+                                 RunvError)
+from ..oci import bundle as oci
+from ..sandbox import VM_DIED_STATUS, Container, Process, Sandbox
+from ..ttrpc import UNIMPLEMENTED, TtrpcError
+from . import metrics, stdio
+from .rootfs import mount_rootfs, unmount
+from .config import ShimConfig
+from .events import Publisher
+from .pb import shimv2_pb2 as pb
+from .status import ttrpc_error
+from .tasks import Task
+
+log = logging.getLogger("runv_py.shimv2")
+
+SERVICE = "containerd.task.v2.Task"
+STATUS = {states.CREATING: pb.CREATED, states.CREATED: pb.CREATED, states.RUNNING: pb.RUNNING,
+          states.PAUSED: pb.PAUSED, states.STOPPED: pb.STOPPED}
+TASK_FILE = "task.json"      # the init's pid, for `delete` after a crash
+
+
+def timestamp(field, when: float) -> None:
+    if when:
+        field.FromNanoseconds(int(when * 1e9))
+
+
+class TaskService:
+    def __init__(self, namespace: str, cid: str, bundle: str, ttrpc_address: str,
+                 listener: socket.socket, config: ShimConfig, factory):
+        self.namespace = namespace
+        self.cid = cid
+        self.bundle = bundle
+        self.workdir = os.path.join(bundle, "runv", cid)
+        self.listener = listener
+        self.config = config
+        self.factory = factory
+        self.events = Publisher(ttrpc_address, namespace)
+        self.lock = threading.Lock()
+        self.sandbox: Optional[Sandbox] = None
+        self.inits: Dict[str, Task] = {}              # container id -> its init task
+        self.execs: Dict[Tuple[str, str], Task] = {}  # (container id, exec id) -> task
+        self.deleted = False
+        self.shutdown = threading.Event()
+
+    def handlers(self) -> Dict[Tuple[str, str], Callable[[bytes], bytes]]:
+        table = {
+            "State": (pb.StateRequest, self.state), "Create": (pb.CreateTaskRequest, self.create),
+            "Start": (pb.StartRequest, self.start), "Delete": (pb.DeleteRequest, self.delete),
+            "Pids": (pb.PidsRequest, self.pids), "Pause": (pb.PauseRequest, self.pause),
+            "Resume": (pb.ResumeRequest, self.resume),
+            "Checkpoint": (pb.CheckpointTaskRequest, self.checkpoint),
+            "Kill": (pb.KillRequest, self.kill), "Exec": (pb.ExecProcessRequest, self.exec),
+            "ResizePty": (pb.ResizePtyRequest, self.resize_pty),
+            "CloseIO": (pb.CloseIORequest, self.close_io),
+            "Update": (pb.UpdateTaskRequest, self.update), "Wait": (pb.WaitRequest, self.wait),
+            "Stats": (pb.StatsRequest, self.stats), "Connect": (pb.ConnectRequest, self.connect),
+            "Shutdown": (pb.ShutdownRequest, self.shutdown_call),
+        }
+        return {(SERVICE, name): self._wrap(name, kind, fn) for name, (kind, fn) in table.items()}
+
+    def _wrap(self, name: str, kind, fn) -> Callable[[bytes], bytes]:
+        def call(payload: bytes) -> bytes:
+            request = kind.FromString(payload)
+            log.debug("%s %s", name, str(request).replace("\n", " "))
+            try:
+                return fn(request).SerializeToString()
+            except TtrpcError as e:
+                log.info("%s: %s", name, e.message)
+                raise
+            except (RunvError, OSError, ValueError) as e:
+                log.info("%s failed: %s", name, e)
+                raise ttrpc_error(e) from None
+        return call
+
+    # ---- lookups --------------------------------------------------------------------
+
+    def task(self, cid: str, exec_id: str = "") -> Task:
+        task = self.execs.get((cid, exec_id)) if exec_id else self.inits.get(cid)
+        if task is None:
+            what = f"process {exec_id} in container {cid}" if exec_id else f"container {cid}"
+            raise NotFound(f"{what} does not exist")
+        return task
+
+    # ---- Create / Start / Wait / State ----------------------------------------------
+
+    def create(self, req) -> pb.CreateTaskResponse:
+        with self.lock:
+            if req.id in self.inits:
+                raise AlreadyExists(f"container {req.id} already exists")
+            if req.checkpoint:
+                raise TtrpcError(UNIMPLEMENTED, "runv-py cannot restore checkpoints")
+            mount_rootfs(req.bundle, list(req.rootfs))
+            task = Task(req.id, "", req.stdin, req.stdout, req.stderr, req.terminal)
+            try:
+                bundle = oci.load(req.bundle)
+                if self.sandbox is None:
+                    self.sandbox = self.boot(req.id, bundle)
+                io = stdio.process_io(req.stdin, req.stdout, req.stderr, req.terminal, task.relays)
+                task.pid = self.sandbox.vm.pid
+                container = self.sandbox.create_container(req.id, bundle, io, host_pid=task.pid)
+            except BaseException:
+                task.finished(VM_DIED_STATUS)
+                self.end_sandbox_if_empty()
+                unmount(os.path.join(req.bundle, "rootfs"))
+                raise
+            task.process = container.init
+            self.inits[req.id] = task
+        with open(os.path.join(self.workdir, TASK_FILE), "w") as f:
+            json.dump({"pid": task.pid}, f)
+        self.events.publish("/tasks/create", pb.TaskCreate(
+            container_id=req.id, bundle=req.bundle, rootfs=req.rootfs, pid=task.pid,
+            io=pb.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr,
+                         terminal=req.terminal)))
+        return pb.CreateTaskResponse(pid=task.pid)
+
+    def boot(self, cid: str, bundle: oci.Bundle) -> Sandbox:
+        from ..oci.resources import vm_size
+        from ..vm.boot import BootConfig
+        cpus, memory = vm_size(bundle.resources, self.config.default_cpus,
+                               self.config.default_memory)
+        config = BootConfig(**dict(self.config.boot_config(), cpus=cpus, memory_mib=memory))
+        os.makedirs(self.workdir, exist_ok=True)
+        sandbox = Sandbox.boot(cid, self.factory, config, self.workdir, bundle.hostname)
+        sandbox.listeners.append(self.on_exit)
+        return sandbox
+
+    def on_exit(self, container: Container, proc: Process) -> None:
+        """A process of the sandbox ended (its output has drained)."""
+        if proc is container.init:
+            if container.id == self.sandbox.id:  # the sandbox's own container: its VM goes
+                threading.Thread(target=self.sandbox.destroy, name="end-vm", daemon=True).start()
+            task = self.inits.get(container.id)
+            if task is None or not task.finished(proc.exit.status, proc.exit.at):
+                return
+            if proc.exit.oom:
+                self.events.publish("/tasks/oom", pb.TaskOOM(container_id=container.id))
+        else:
+            task = self.execs.get((container.id, proc.id))
+            if task is None or not task.finished(proc.exit.status, proc.exit.at):
+                return
+        self.publish_exit(task)
+
+    def publish_exit(self, task: Task) -> None:
+        event = pb.TaskExit(container_id=task.cid, id=task.id, pid=task.pid,
+                            exit_status=task.exit_status)
+        timestamp(event.exited_at, task.exited_at)
+        self.events.publish("/tasks/exit", event)
+
+    def start(self, req) -> pb.StartResponse:
+        task = self.task(req.id, req.exec_id)
+        if req.exec_id:
+            return pb.StartResponse(pid=self.start_exec(task))
+        self.sandbox.start_container(req.id)
+        if not task.done.is_set():
+            task.state.to(states.RUNNING, "start")
+        self.events.publish("/tasks/start", pb.TaskStart(container_id=req.id, pid=task.pid))
+        return pb.StartResponse(pid=task.pid)
+
+    def wait(self, req) -> pb.WaitResponse:
+        task = self.task(req.id, req.exec_id)
+        task.done.wait()  # containerd's Wait blocks until the process exits
+        response = pb.WaitResponse(exit_status=task.exit_status)
+        timestamp(response.exited_at, task.exited_at)
+        return response
+
+    def state(self, req) -> pb.StateResponse:
+        task = self.task(req.id, req.exec_id)
+        status = task.state.status
+        if not req.exec_id and not task.done.is_set():
+            status = self.sandbox.container(req.id).state.status
+            status = states.RUNNING if status == states.STOPPED else status  # being reaped
+        response = pb.StateResponse(
+            id=req.exec_id or req.id, bundle=self.bundle, pid=task.pid, status=STATUS[status],
+            stdin=task.stdin, stdout=task.stdout, stderr=task.stderr, terminal=task.terminal,
+            exit_status=task.exit_status, exec_id=req.exec_id)
+        timestamp(response.exited_at, task.exited_at)
+        return response
+
+    # ---- Kill / Delete ----------------------------------------------------------------
+
+    def kill(self, req) -> pb.Empty:
+        task = self.task(req.id, req.exec_id)
+        if task.done.is_set():
+            raise NotFound(f"process {task.id} already finished")
+        if req.exec_id:
+            if task.process is None:
+                raise NotFound(f"process {req.exec_id} is not started")
+            self.sandbox.signal(req.id, req.exec_id, req.signal)
+        else:
+            self.sandbox.kill(req.id, req.signal, req.all)
+        return pb.Empty()
+
+    def delete(self, req) -> pb.DeleteResponse:
+        task = self.task(req.id, req.exec_id)
+        if req.exec_id:
+            if not task.done.is_set() and task.process is not None:
+                raise FailedPrecondition(f"process {req.exec_id} is still running")
+            task.finished(0)  # never started: release its waiters
+            del self.execs[(req.id, req.exec_id)]
+        else:
+            if not task.done.is_set() and task.state.is_(states.RUNNING, states.PAUSED):
+                raise FailedPrecondition(f"container {req.id} is still running")
+            self.sandbox.remove_container(req.id)  # a created one is killed; poststop runs
+            task.finished(VM_DIED_STATUS)
+            with self.lock:
+                del self.inits[req.id]
+                for key in [k for k in self.execs if k[0] == req.id]:
+                    del self.execs[key]
+            unmount(os.path.join(self.bundle, "rootfs"))
+            self.end_sandbox_if_empty()
+        response = pb.DeleteResponse(pid=task.pid, exit_status=task.exit_status)
+        timestamp(response.exited_at, task.exited_at)
+        if not req.exec_id:
+            event = pb.TaskDelete(container_id=req.id, pid=task.pid, exit_status=task.exit_status)
+            timestamp(event.exited_at, task.exited_at)
+            self.events.publish("/tasks/delete", event)
+        return response
+
+    def end_sandbox_if_empty(self) -> None:
+        if self.inits or self.sandbox is None and not os.path.exists(self.workdir):
+            return
+        if self.sandbox is not None:
+            self.sandbox.destroy()
+            self.sandbox = None
+        self.deleted = True
+        statedir.remove(self.workdir)
+        try:
+            os.rmdir(os.path.dirname(self.workdir))
+        except OSError:
+            pass
+
+    # ---- exec -------------------------------------------------------------------------
+
+    def exec(self, req) -> pb.Empty:
+        init = self.task(req.id)
+        if init.done.is_set():
+            raise FailedPrecondition(f"container {req.id} is not running")
+        try:
+            spec = json.loads(req.spec.value or b"{}")
+            oci.check_process(spec)
+        except ValueError as e:
+            raise InvalidArgument(f"bad process spec: {e}") from None
+        with self.lock:
+            if (req.id, req.exec_id) in self.execs:
+                raise AlreadyExists(f"process {req.exec_id} already exists")
+            self.execs[(req.id, req.exec_id)] = Task(req.id, req.exec_id, req.stdin, req.stdout,
+                                                     req.stderr, req.terminal, spec)
+        self.events.publish("/tasks/exec-added",
+                            pb.TaskExecAdded(container_id=req.id, exec_id=req.exec_id))
+        return pb.Empty()
+
+    def start_exec(self, task: Task) -> int:
+        task.state.require("start", states.CREATED)
+        try:
+            io = stdio.process_io(task.stdin, task.stdout, task.stderr, task.terminal, task.relays)
+            task.process = self.sandbox.exec(task.cid, task.exec_id,
+                                             dict(task.spec, terminal=task.terminal), io)
+        except BaseException:
+            task.finished(255)  # containerd's client already waits on it
+            raise
+        task.pid = task.process.pid
+        task.state.to(states.RUNNING, "start")
+        self.events.publish("/tasks/exec-started", pb.TaskExecStarted(
+            container_id=task.cid, exec_id=task.exec_id, pid=task.pid))
+        return task.pid
+
+    # ---- the rest ---------------------------------------------------------------------
+
+    def pids(self, req) -> pb.PidsResponse:
+        self.task(req.id)
+        procs = self.sandbox.processes(req.id)
+        # Guest pids: the host has no process per container process.
+        exec_ids = {t.pid: t.exec_id for (cid, _), t in list(self.execs.items())
+                    if cid == req.id and t.pid}
+        response = pb.PidsResponse()
+        for info in procs:
+            entry = response.processes.add(pid=info.pid)
+            if info.pid in exec_ids:
+                entry.info.type_url = "containerd.runc.v1.ProcessDetails"
+                entry.info.value = pb.ProcessDetails(exec_id=exec_ids[info.pid]).SerializeToString()
+        return response
+
+    def pause(self, req) -> pb.Empty:
+        self.task(req.id)
+        self.sandbox.pause()
+        self.events.publish("/tasks/paused", pb.TaskPaused(container_id=req.id))
+        return pb.Empty()
+
+    def resume(self, req) -> pb.Empty:
+        self.task(req.id)
+        self.sandbox.resume()
+        self.events.publish("/tasks/resumed", pb.TaskResumed(container_id=req.id))
+        return pb.Empty()
+
+    def checkpoint(self, req) -> pb.Empty:
+        raise TtrpcError(UNIMPLEMENTED, "runv-py cannot checkpoint a VM container")
+
+    def resize_pty(self, req) -> pb.Empty:
+        task = self.task(req.id, req.exec_id)
+        if not task.terminal:
+            raise FailedPrecondition("the process has no terminal")
+        self.sandbox.resize(req.id, req.exec_id, req.height, req.width)
+        return pb.Empty()
+
+    def close_io(self, req) -> pb.Empty:
+        task = self.task(req.id, req.exec_id)
+        if req.stdin:
+            for relay in task.relays:
+                relay.stop()
+            if task.process is not None:
+                self.sandbox.close_stdin(req.id, req.exec_id)
+        return pb.Empty()
+
+    def update(self, req) -> pb.Empty:
+        self.task(req.id)
+        try:
+            resources = json.loads(req.resources.value or b"{}")
+        except ValueError:
+            raise InvalidArgument("resources are not OCI JSON") from None
+        self.sandbox.update(req.id, resources)
+        return pb.Empty()
+
+    def stats(self, req) -> pb.StatsResponse:
+        self.task(req.id)
+        response = pb.StatsResponse()
+        # The guest runs cgroup v2: containerd's v2 Metrics type, which ctr can decode.
+        response.stats.type_url = metrics.TYPE_URL
+        response.stats.value = metrics.metrics(self.sandbox.stats(req.id)).SerializeToString()
+        return response
+
+    def connect(self, req) -> pb.ConnectResponse:
+        task = self.inits.get(req.id)
+        return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=task.pid if task else 0,
+                                  version="runv-py")
+
+    def shutdown_call(self, req) -> pb.Empty:
+        # As containerd's shims: keep serving while a task still lives.
+        if self.inits and not req.now:
+            return pb.Empty()
+        threading.Thread(target=self.stop_serving, daemon=True).start()
+        return pb.Empty()
+
+    def stop_serving(self) -> None:
+        time.sleep(0.1)  # let the Shutdown answer go out first
+        if self.sandbox is not None:
+            self.sandbox.destroy()
+        self.shutdown.set()
+        try:
+            path = self.listener.getsockname()
+            self.listener.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
+            if isinstance(path, str) and path:
+                os.unlink(path)
+        except OSError:
+            pass
+
+    def wait_shutdown(self, timeout: float) -> None:
+        self.events.drain(timeout)
