@@ -31,8 +31,10 @@ fi
 echo "==> installing the runv-py Python package"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test,compare]'
 
-bash kernel/build.sh
-"$PYTHON" -m runv_py.hyperstart.initrd
+LIB_DIR=/var/lib/runv-py                      # == runv_py/paths.py
+export RUNV_CACHE="${RUNV_CACHE:-/var/cache/runv-py}"
+bash kernel/build.sh "$LIB_DIR/kernel"
+"$PYTHON" -m runv_py.hyperstart.initrd --output "$LIB_DIR/initrd.img" --cache "$RUNV_CACHE"
 
 case "${1:-}" in
 --demo)

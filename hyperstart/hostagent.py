@@ -103,7 +103,7 @@ def become_namespace_init() -> None:
     """In PID 1 of the new pid namespace: a /proc that shows it, no mount events back."""
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
     sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the launcher
+    sc.die_with_parent(signal.SIGKILL)  # never outlive the launcher
 
 
 def remove_cgroups(cgroups: dict) -> None:

@@ -5,7 +5,7 @@ the agent under the guest's own Python), each precompiled to an unchecked-hash .
 the guest never stats or recompiles sources. The image is cached outside the repo, keyed
 by the agent's sources, this builder and the Debian package versions it draws from.
 
-usage: python -m runv_py.hyperstart.initrd [--output PATH] [--force]
+usage: python -m runv_py.hyperstart.initrd --output PATH --cache DIR [--force]
 """
 import argparse
 import hashlib
@@ -17,8 +17,6 @@ import tempfile
 
 GUEST_PYTHON = "/usr/bin/python3.11"
 BUSYBOX = "/bin/busybox"
-DEFAULT_OUTPUT = "/var/lib/runv-py/initrd.img"
-CACHE = os.environ.get("RUNV_CACHE", "/var/cache/runv-py")
 PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "busybox-static"]
 # The agent's modules: everything in hyperstart but the host-only ones.
 AGENT_FILES = ["__init__.py", "protocol.py", "messages.py", "errors.py", "states.py",
@@ -139,9 +137,9 @@ def build(output: str) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def ensure(output: str = DEFAULT_OUTPUT, force: bool = False) -> str:
-    """Build the initrd into the cache when its inputs changed; install it at ``output``."""
-    cached = os.path.join(CACHE, f"initrd-{input_key()}.img")
+def ensure(output: str, cache: str, force: bool = False) -> str:
+    """Build the initrd into ``cache`` when its inputs changed; install it at ``output``."""
+    cached = os.path.join(cache, f"initrd-{input_key()}.img")
     if force or not os.path.exists(cached):
         print(f"==> building initrd {os.path.basename(cached)}", flush=True)
         build(cached)
@@ -156,10 +154,11 @@ def ensure(output: str = DEFAULT_OUTPUT, force: bool = False) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=DEFAULT_OUTPUT)
+    parser.add_argument("--output", required=True, help="where to install the initrd")
+    parser.add_argument("--cache", required=True, help="where built initrds are kept")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
-    ensure(args.output, args.force)
+    ensure(args.output, args.cache, args.force)
     return 0
 
 

@@ -123,6 +123,15 @@ def mounts_below(path: str, include_self: bool = False) -> list:
     return sorted(found, key=len, reverse=True)
 
 
+def unmount_below(path: str) -> None:
+    """Detach every mount at or below ``path``, deepest (and last stacked) first."""
+    for point in mounts_below(path, include_self=True):
+        try:
+            umount(point, MNT_DETACH)
+        except OSError:
+            pass
+
+
 def _unescape(field: str) -> str:
     out, i = [], 0
     while i < len(field):

@@ -28,11 +28,12 @@ class Daemon:
         self.tag = uuid.uuid4().hex[:6]
         self.proc = None
 
-    def start(self, *extra, wait=True):
+    def start(self, *extra, wait=True, global_flags=()):
         self.log = open(os.path.join(self.base, "daemon.log"), "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runv_py.cli", "--kernel", KERNEL, "--initrd", INITRD,
-             "containerd", "--state-dir", self.state, "--containerd-dir", self.dir, *extra],
+             *global_flags, "containerd", "--state-dir", self.state, "--containerd-dir",
+             self.dir, *extra],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
         if wait:
             # A killed daemon leaves its socket file: wait for an answer, not for the file.
@@ -303,3 +304,28 @@ def test_solo_namespaced_stops_after_the_last_container(tmp_path):
         assert not os.path.exists(d.dir)
     finally:
         d.stop(signal.SIGKILL)
+
+
+@pytest.mark.timeout(240)
+def test_a_template_given_to_the_daemon_makes_every_vm_a_clone(tmp_path):
+    tdir = str(tmp_path / "template")
+    base = [sys.executable, "-m", "runv_py.cli", "--kernel", KERNEL, "--initrd", INITRD,
+            "--template", tdir, "manage"]
+    r = subprocess.run(base + ["create-template"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    d = Daemon(str(tmp_path)).start(global_flags=["--template", tdir])
+    try:
+        for i in range(2):
+            cid = f"tpl{i}-{d.tag}"
+            d.api.CreateContainer(pb.CreateContainerRequest(
+                id=cid, bundlePath=bundle(tmp_path, f"b{i}", ["sleep", "600"])), timeout=120)
+            [qemu] = qemu_pids(cid)
+            assert b"-incoming" in open(f"/proc/{qemu}/cmdline", "rb").read()  # a clone
+            d.api.Signal(pb.SignalRequest(id=cid, pid="init", signal=9), timeout=30)
+        deadline = time.monotonic() + 30
+        while os.listdir(d.state) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.listdir(d.state)
+    finally:
+        d.stop()
+        subprocess.run(base + ["remove-template"], capture_output=True, timeout=30)

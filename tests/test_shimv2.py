@@ -1,6 +1,7 @@
 """containerd-shim-runvpy-v2 driven directly over ttrpc, as containerd drives it, with a
 stand-in for containerd's event service: calls ctr never makes (CloseIO) and the exact
 event sequence. Boots a real VM."""
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import qemu_pids
+from conftest import INITRD, KERNEL, qemu_pids
 from runv_py import ttrpc
 from runv_py.oci.busybox import make_bundle
 from runv_py.shimv2.pb import shimv2_pb2 as pb
@@ -40,6 +41,45 @@ class EventSink:
     def close(self) -> None:
         self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
+
+
+class ShimV2:
+    """containerd-shim-runvpy-v2 started as containerd starts it, called over ttrpc."""
+
+    def __init__(self, tmp_path, cid: str, bundle: str, env: dict = None):
+        self.cid = cid
+        self.sink = EventSink(str(tmp_path / "events.sock"))
+        env = dict(os.environ, TTRPC_ADDRESS=str(tmp_path / "events.sock"),
+                   RUNVPY_SHIM_LOG_DIR=str(tmp_path), **(env or {}))
+        r = subprocess.run([sys.executable, "-m", "runv_py.shimv2", "-namespace", "t", "-address",
+                            str(tmp_path / "c.sock"), "-id", cid, "start"],
+                           cwd=bundle, env=env, capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        self.client = ttrpc.Client(r.stdout.decode().removeprefix("unix://"), timeout=60)
+        self.pid = self.call("Connect", pb.ConnectRequest(id=cid), pb.ConnectResponse).shim_pid
+
+    def call(self, method: str, request, reply=None):
+        data = self.client.call(TASK, method, request.SerializeToString(), timeout=60)
+        return reply.FromString(data) if reply else None
+
+    def code(self, method: str, request) -> int:
+        with pytest.raises(ttrpc.TtrpcError) as e:
+            self.call(method, request)
+        return e.value.code
+
+    def close(self) -> None:
+        """Shut the daemon down (it must exit); the sink goes too."""
+        try:
+            self.call("Shutdown", pb.ShutdownRequest(id=self.cid, now=True))
+        except (ttrpc.TtrpcError, OSError):
+            pass
+        self.client.close()
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if os.path.exists(f"/proc/{self.pid}"):
+            os.kill(self.pid, 9)
+        self.sink.close()
 
 
 def test_close_io_ends_stdin_and_events_come_in_order(tmp_path):
@@ -120,3 +160,67 @@ def read_some(fd: int) -> bytes:
         return os.read(fd, 65536)
     except BlockingIOError:
         return b""
+
+
+def test_a_task_runs_every_hook_and_unknown_ids_are_not_found(tmp_path):
+    """The hooks of a containerd task run at the points the CLI runs them; an unknown
+    container or exec id is NotFound, as containerd's errdefs expects."""
+    tag = uuid.uuid4().hex[:8]
+    cid = f"hk-{tag}"
+    log = tmp_path / "hooks.log"
+    kinds = ["prestart", "createRuntime", "createContainer", "startContainer", "poststart",
+             "poststop"]
+    bundle = make_bundle(str(tmp_path / "bundle"), ["sleep", "1"])
+    spec = json.load(open(os.path.join(bundle, "config.json")))
+    spec["hooks"] = {k: [{"path": "/bin/busybox", "args": ["sh", "-c", f"echo {k} >> {log}"]}]
+                     for k in kinds}
+    json.dump(spec, open(os.path.join(bundle, "config.json"), "w"))
+    shim = ShimV2(tmp_path, cid, bundle)
+    try:
+        assert shim.code("State", pb.StateRequest(id="nope")) == ttrpc.NOT_FOUND
+        shim.call("Create", pb.CreateTaskRequest(id=cid, bundle=bundle), pb.CreateTaskResponse)
+        assert log.read_text().split() == kinds[:3]
+        assert shim.code("Start", pb.StartRequest(id=cid, exec_id="nope")) == ttrpc.NOT_FOUND
+        assert shim.code("Kill", pb.KillRequest(id="nope", signal=9)) == ttrpc.NOT_FOUND
+        shim.call("Start", pb.StartRequest(id=cid), pb.StartResponse)
+        assert log.read_text().split() == kinds[:5]
+        assert shim.code("Start", pb.StartRequest(id=cid)) == ttrpc.FAILED_PRECONDITION
+        assert shim.call("Wait", pb.WaitRequest(id=cid), pb.WaitResponse).exit_status == 0
+        shim.call("Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
+        assert log.read_text().split() == kinds
+        assert shim.code("Delete", pb.DeleteRequest(id=cid)) == ttrpc.NOT_FOUND
+    finally:
+        shim.close()
+    assert not qemu_pids(tag)
+
+
+@pytest.mark.timeout(180)
+def test_a_template_in_the_config_makes_every_vm_a_clone(tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    cid = f"tp-{tag}"
+    tdir = str(tmp_path / "template")
+    base = [sys.executable, "-m", "runv_py.cli", "--kernel", KERNEL, "--initrd", INITRD,
+            "--template", tdir, "manage"]
+    r = subprocess.run(base + ["create-template"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    config = tmp_path / "runv-py.toml"
+    config.write_text(f'template = "{tdir}"\nkernel = "{KERNEL}"\ninitrd = "{INITRD}"\n')
+    bundle = make_bundle(str(tmp_path / "bundle"), ["sh", "-c", "echo from-a-clone"])
+    out = str(tmp_path / "out")
+    os.mkfifo(out)
+    out_fd = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+    shim = ShimV2(tmp_path, cid, bundle, env={"RUNVPY_CONFIG": str(config)})
+    try:
+        shim.call("Create", pb.CreateTaskRequest(id=cid, bundle=bundle, stdout=out),
+                  pb.CreateTaskResponse)
+        [qemu] = qemu_pids(tag)
+        assert b"-incoming" in open(f"/proc/{qemu}/cmdline", "rb").read()  # a clone
+        shim.call("Start", pb.StartRequest(id=cid), pb.StartResponse)
+        assert shim.call("Wait", pb.WaitRequest(id=cid), pb.WaitResponse).exit_status == 0
+        assert read_some(out_fd) == b"from-a-clone\n"
+        shim.call("Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
+    finally:
+        shim.close()
+        os.close(out_fd)
+        subprocess.run(base + ["remove-template"], capture_output=True, timeout=30)
+    assert not qemu_pids(tag)

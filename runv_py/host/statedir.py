@@ -27,20 +27,11 @@ def create(root: str, cid: str) -> str:
     return path
 
 
-def unmount_all(path: str) -> None:
-    """Detach every mount at or below ``path`` (deepest first)."""
-    for point in syscalls.mounts_below(path, include_self=True):
-        try:
-            syscalls.umount(point, syscalls.MNT_DETACH)
-        except OSError:
-            pass
-
-
 def remove(path: str) -> None:
     """Remove a state directory without ever descending into a mount."""
     if not os.path.lexists(path):
         return
-    unmount_all(path)
+    syscalls.unmount_below(path)
     still_mounted = set(syscalls.mounts_below(path, include_self=True))
     _remove_tree(path, still_mounted)
 

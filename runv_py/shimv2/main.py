@@ -124,6 +124,7 @@ def delete(flags: Flags) -> int:
     DeleteResponse. Idempotent."""
     import json
     from ..host import statedir
+    from ..hyperstart import syscalls
     from ..sandbox import VM_DIED_STATUS
     from .service import TASK_FILE
     bundle = flags.get("bundle") or os.getcwd()
@@ -141,7 +142,7 @@ def delete(flags: Flags) -> int:
         os.rmdir(root)
     except OSError:
         pass
-    unmount_rootfs(bundle)
+    syscalls.unmount_below(os.path.join(bundle, "rootfs"))
     try:  # the socket of the daemon that died
         os.unlink(socket_path(flags.get("address"), flags.get("namespace"), cid))
     except OSError:
@@ -151,11 +152,6 @@ def delete(flags: Flags) -> int:
     sys.stdout.buffer.write(response.SerializeToString())
     sys.stdout.flush()
     return 0
-
-
-def unmount_rootfs(bundle: str) -> None:
-    from .rootfs import unmount
-    unmount(os.path.join(bundle, "rootfs"))
 
 
 def serve(flags: Flags) -> int:

@@ -1,9 +1,10 @@
-"""A task's root filesystem: containerd's Mount list mounted on <bundle>/rootfs (in the
-daemon's own mount namespace), and taken down again."""
+"""A task's root filesystem: containerd's Mount list mounted on <bundle>/rootfs, in the
+daemon's own mount namespace (taken down with syscalls.unmount_below)."""
 import logging
 import os
 import subprocess
 
+from ..hyperstart import syscalls
 from ..hyperstart.errors import InvalidArgument
 
 log = logging.getLogger("runv_py.shimv2")
@@ -21,18 +22,5 @@ def mount_rootfs(bundle: str, mounts: list) -> None:
         result = subprocess.run(args + [mnt.source, target], capture_output=True, text=True,
                                 timeout=30)
         if result.returncode != 0:
-            unmount(target)
+            syscalls.unmount_below(target)
             raise InvalidArgument(f"cannot mount the rootfs ({mnt.type}): {result.stderr.strip()}")
-
-
-def unmount(target: str) -> None:
-    """Unmount everything stacked on ``target`` (overlay over overlay)."""
-    from ..hyperstart import syscalls
-    for _ in range(8):
-        if not os.path.ismount(target):
-            return
-        try:
-            syscalls.umount(target, syscalls.MNT_DETACH)
-        except OSError as e:
-            log.warning("cannot unmount %s: %s", target, e)
-            return

@@ -15,14 +15,14 @@ import time
 from typing import Callable, Dict, Optional, Tuple
 
 from ..host import statedir
-from ..hyperstart import states
+from ..hyperstart import states, syscalls
 from ..hyperstart.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                                  RunvError)
 from ..oci import bundle as oci
 from ..sandbox import VM_DIED_STATUS, Container, Process, Sandbox
 from ..ttrpc import UNIMPLEMENTED, TtrpcError
 from . import metrics, stdio
-from .rootfs import mount_rootfs, unmount
+from .rootfs import mount_rootfs
 from .config import ShimConfig
 from .events import Publisher
 from .pb import shimv2_pb2 as pb
@@ -119,7 +119,7 @@ class TaskService:
             except BaseException:
                 task.finished(VM_DIED_STATUS)
                 self.end_sandbox_if_empty()
-                unmount(os.path.join(req.bundle, "rootfs"))
+                syscalls.unmount_below(os.path.join(req.bundle, "rootfs"))
                 raise
             task.process = container.init
             self.inits[req.id] = task
@@ -224,7 +224,7 @@ class TaskService:
                 del self.inits[req.id]
                 for key in [k for k in self.execs if k[0] == req.id]:
                     del self.execs[key]
-            unmount(os.path.join(self.bundle, "rootfs"))
+            syscalls.unmount_below(os.path.join(self.bundle, "rootfs"))
             self.end_sandbox_if_empty()
         response = pb.DeleteResponse(pid=task.pid, exit_status=task.exit_status)
         timestamp(response.exited_at, task.exited_at)
