@@ -362,7 +362,6 @@ class TaskService:
         time.sleep(0.1)  # let the Shutdown answer go out first
         if self.sandbox is not None:
             self.sandbox.destroy()
-        self.shutdown.set()
         try:
             path = self.listener.getsockname()
             self.listener.shutdown(socket.SHUT_RDWR)
@@ -371,6 +370,7 @@ class TaskService:
                 os.unlink(path)
         except OSError:
             pass
+        self.shutdown.set()  # last: the daemon exits when it is set
 
     def wait_shutdown(self, timeout: float) -> None:
         self.events.drain(timeout)
