@@ -14,7 +14,7 @@ cd "$(dirname "$0")"
 
 PACKAGES="qemu-system-x86 busybox-static cpio linux-source-6.1 bc bison flex libelf-dev
 libssl-dev build-essential python3.11-minimal libpython3.11-minimal libpython3.11-stdlib
-runc containerd"
+runc containerd libseccomp2"
 PYTHON="${PYTHON:-python3}"
 
 missing=""

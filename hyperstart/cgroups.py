@@ -14,7 +14,15 @@ from .errors import NotFound
 
 GUEST_ROOT = "/sys/fs/cgroup"
 GUEST_PARENT = "runv"
-CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+# cgroup v2 controls devices only through BPF programs: the guest keeps a cgroup v1
+# hierarchy with the devices controller alone, beside its cgroup2 root.
+GUEST_DEVICES = "/run/runv/cgroup-devices"
+CONTROLLERS = ("memory", "pids", "cpu", "freezer", "devices")
+# What runc allows every container on top of its spec's rules (mknod of any device; the
+# devices every container has).
+DEFAULT_DEVICE_RULES = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:8 rwm", "c 1:7 rwm", "c 5:0 rwm",
+                        "c 1:5 rwm", "c 1:9 rwm", "c 5:1 rwm", "c 136:* rwm", "c 5:2 rwm",
+                        "c 10:200 rwm"]
 
 # cgroup v2 file names the host reads, and where cgroup v1 keeps the same figure.
 V1_FILES = {"memory.current": ("memory", "memory.usage_in_bytes"),
@@ -56,6 +64,22 @@ def remove_tree(path: str, timeout: float = 5.0) -> bool:
     return True
 
 
+def apply_device_rules(path: str, rules: list) -> None:
+    """OCI device rules (messages.DeviceRule, in order) on a cgroup v1 devices directory:
+    everything denied first, then each rule, then runc's default allowances."""
+    write_file(os.path.join(path, "devices.deny"), "a")
+    for rule in rules:
+        if rule.type == "a" and rule.major is None and rule.minor is None:
+            line = "a"
+        else:
+            major = "*" if rule.major is None or rule.major < 0 else rule.major
+            minor = "*" if rule.minor is None or rule.minor < 0 else rule.minor
+            line = f"{rule.type} {major}:{minor} {rule.access or 'rwm'}"
+        write_file(os.path.join(path, "devices.allow" if rule.allow else "devices.deny"), line)
+    for line in DEFAULT_DEVICE_RULES:
+        write_file(os.path.join(path, "devices.allow"), line)
+
+
 def v1_cgroup_dirs(controllers=CONTROLLERS) -> dict:
     """controller -> this process's own directory in that cgroup v1 hierarchy."""
     mounts = {}
@@ -83,19 +107,34 @@ class GuestCgroups:
     def __init__(self, root: str = GUEST_ROOT):
         self.parent = os.path.join(root, GUEST_PARENT)
         self.paths = {}           # container id -> its directory
+        self.devices = {}         # container id -> its v1 devices directory
+        self.has_devices = False
         self.watch = {}           # fd -> callback (none here)
 
     def setup(self) -> None:
-        """At boot: enable the controllers for the containers' parent."""
+        """At boot: enable the controllers for the containers' parent; mount the v1
+        devices hierarchy (a kernel without it gets no device cgroup)."""
+        from . import syscalls as sc
         root = os.path.dirname(self.parent)
         write_file(os.path.join(root, "cgroup.subtree_control"), "+memory +pids +cpu")
         os.makedirs(self.parent, exist_ok=True)
         write_file(os.path.join(self.parent, "cgroup.subtree_control"), "+memory +pids +cpu")
+        os.makedirs(GUEST_DEVICES, exist_ok=True)
+        try:
+            sc.mount("devices", GUEST_DEVICES, "cgroup", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+                     "devices")
+            self.has_devices = True
+        except OSError:
+            pass
 
-    def create(self, cid: str, limits: dict) -> None:
+    def create(self, cid: str, limits: dict, device_rules: list = ()) -> None:
         path = os.path.join(self.parent, cid)
         os.makedirs(path, exist_ok=True)
         self.paths[cid] = path
+        if self.has_devices:
+            devices = self.devices[cid] = os.path.join(GUEST_DEVICES, cid)
+            os.makedirs(devices, exist_ok=True)
+            apply_device_rules(devices, device_rules)
         for name, value in limits.items():
             write_file(os.path.join(path, name), str(value))
         if "memory.max" in limits:
@@ -113,6 +152,8 @@ class GuestCgroups:
 
     def join(self, cid: str) -> None:
         write_file(os.path.join(self.path(cid), "cgroup.procs"), "0")
+        if cid in self.devices:
+            write_file(os.path.join(self.devices[cid], "cgroup.procs"), "0")
 
     def pids(self, cid: str) -> list:
         return read_pids(self.paths.get(cid, "/nonexistent"))
@@ -133,12 +174,12 @@ class GuestCgroups:
             return False
 
     def remove(self, cid: str) -> None:
-        path = self.paths.pop(cid, None)
-        if path:
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
+        for path in (self.paths.pop(cid, None), self.devices.pop(cid, None)):
+            if path:
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
 
 
 class HostCgroups:
@@ -155,13 +196,15 @@ class HostCgroups:
     def setup(self) -> None:
         pass  # the launcher made (and will remove) the sandbox's directories
 
-    def create(self, cid: str, limits: dict) -> None:
+    def create(self, cid: str, limits: dict, device_rules: list = ()) -> None:
         paths = {c: os.path.join(parent, cid) for c, parent in self.parents.items()}
         for path in paths.values():
             os.makedirs(path, exist_ok=True)
         self.groups[cid] = paths
         for name, value in limits.items():
             self.write(cid, name, value)
+        if "devices" in paths:
+            apply_device_rules(paths["devices"], device_rules)
         if "memory.max" in limits and "memory" in paths:
             self.watch_oom(cid, paths["memory"])
 

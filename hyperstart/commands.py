@@ -87,7 +87,7 @@ class Commands:
         if not os.path.isdir(root):
             raise NotFound(f"rootfs {root} is not a directory")
         container = Container(msg, root)
-        self.cgroups.create(cid, msg.limits)
+        self.cgroups.create(cid, msg.limits, msg.device_rules)
         proc = Process(container, msg.process)
         try:
             self.spawner.spawn(proc, init=True, wait=msg.wait)

@@ -17,7 +17,10 @@ RNDRESEEDCRNG = 0x5207
 
 
 class GuestPlatform:
-    """The guest: a whole kernel of the sandbox's own."""
+    """The guest: a whole kernel of the sandbox's own. Each container gets a cgroup
+    namespace rooted at its own cgroup (the guest's root cgroup is the agent's)."""
+
+    cgroup_namespace = True
 
     def __init__(self):
         self.cgroups = GuestCgroups()
@@ -41,10 +44,7 @@ class GuestPlatform:
             fcntl.ioctl(f, RNDRESEEDCRNG)
 
     def protect_proc(self, proc_dir: str) -> None:
-        pass  # the guest's /proc shows the guest's kernel only
-
-    def bound_capabilities(self, proc) -> None:
-        pass  # the VM is the boundary
+        pass  # the guest's /proc shows the guest's kernel; the spec's masks apply
 
     def power_off(self) -> None:
         # PID 1 must never exit: reset the machine instead (QEMU runs with -no-reboot).

@@ -19,27 +19,19 @@ import sys
 from . import syscalls as sc
 from .agent import Agent, log
 from .cgroups import HostCgroups, remove_tree, write_file
-from .errors import InvalidArgument
 
 # runc's defaults: a container sharing the host's kernel must not reach these through
 # its own /proc (in a VM they belong to the guest's kernel, so the guest keeps them).
 PROC_READONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")
 PROC_MASKED = ("acpi", "asound", "kcore", "keys", "latency_stats", "timer_list",
                "timer_stats", "sched_debug", "scsi")
-PR_CAPBSET_DROP = 24
-CAPABILITIES = (
-    "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP "
-    "LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER "
-    "SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE "
-    "SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
-    "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF "
-    "CHECKPOINT_RESTORE").split()
-
 
 class HostPlatform:
     """The host's kernel, shared with everything else: cgroup v1, no 9p (the share is
-    the host directory itself), no RNG or power of its own, and containers bounded by
-    their capabilities and kept away from the host kernel's knobs in /proc."""
+    the host directory itself), no RNG or power of its own, and containers kept away
+    from the host kernel's knobs in /proc (runc's masks, whatever the spec says)."""
+
+    cgroup_namespace = False
 
     def __init__(self, share_dir: str, cgroups: dict):
         self.cgroups = HostCgroups(cgroups)
@@ -57,31 +49,8 @@ class HostPlatform:
     def protect_proc(self, proc_dir: str) -> None:
         protect_proc(proc_dir)
 
-    def bound_capabilities(self, proc) -> None:
-        """Limit the bounding set to the process's capabilities (or its container's):
-        a container that shares the host's kernel must not keep all of root's powers.
-        Set-up before exec still has them; the exec'd program gets only these."""
-        caps = proc.spec.capabilities
-        init = proc.container.init
-        if caps is None and init is not None:
-            caps = init.spec.capabilities
-        if caps is not None and caps.bounding is not None:
-            drop_bounding_set(caps.bounding)
-
     def power_off(self) -> None:
         pass
-
-
-def drop_bounding_set(keep: list) -> None:
-    wanted = {n.upper().removeprefix("CAP_") for n in keep}
-    unknown = wanted - set(CAPABILITIES)
-    if unknown:
-        raise InvalidArgument(f"unknown capabilities {sorted(unknown)}")
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
-    for number, name in enumerate(CAPABILITIES[:last + 1]):
-        if name not in wanted:
-            sc.prctl(PR_CAPBSET_DROP, number)
 
 
 def protect_proc(proc: str) -> None:

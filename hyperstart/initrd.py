@@ -17,11 +17,14 @@ import tempfile
 
 GUEST_PYTHON = "/usr/bin/python3.11"
 BUSYBOX = "/bin/busybox"
-PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "busybox-static"]
+PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "busybox-static",
+            "libseccomp2"]
+# Loaded by the agent with ctypes (dlopen), so ldd of the interpreter does not find it.
+DLOPENED = ["libseccomp.so.2"]
 # The agent's modules: everything in hyperstart but the host-only ones.
 AGENT_FILES = ["__init__.py", "protocol.py", "messages.py", "errors.py", "states.py",
-               "syscalls.py", "model.py", "rootfs.py", "spawn.py", "cgroups.py",
-               "commands.py", "agent.py", "guest.py"]
+               "syscalls.py", "model.py", "rootfs.py", "security.py", "seccomp.py", "spawn.py",
+               "cgroups.py", "commands.py", "agent.py", "guest.py"]
 # Imported lazily by the agent (in children, or on error paths), so named explicitly.
 EXTRA_MODULES = ["resource", "traceback", "warnings", "encodings.utf_8", "encodings.latin_1",
                  "encodings.ascii"]
@@ -69,6 +72,19 @@ def shared_libraries(binary: str) -> list:
     return libs
 
 
+def dlopened_libraries() -> list:
+    """The paths of the DLOPENED libraries, from the dynamic loader's cache."""
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    found = []
+    for name in DLOPENED:
+        paths = [line.split(" => ")[1].strip() for line in out.splitlines()
+                 if " => " in line and line.split()[0] == name and "x86-64" in line]
+        if not paths:
+            raise SystemExit(f"initrd: {name} not found (apt-get install {' '.join(PACKAGES)})")
+        found.append(paths[0])
+    return found
+
+
 def module_files(stage_lib: str) -> list:
     """Files of every module the agent imports, as loaded by the guest's Python."""
     probe = (
@@ -105,8 +121,8 @@ def build(output: str) -> None:
             shutil.copy2(os.path.join(HERE, name), os.path.join(stage, "lib/runv/hyperstart", name))
         files = module_files(os.path.join(stage, "lib/runv"))
         files.append("/usr/lib/python3.11/os.py")  # the landmark that tells Python its prefix
-        binaries = [GUEST_PYTHON] + [f for f in files if f.endswith(".so")]
-        libs = {lib for b in binaries for lib in shared_libraries(b)}
+        binaries = [GUEST_PYTHON] + [f for f in files if f.endswith(".so")] + dlopened_libraries()
+        libs = set(binaries[1:]) | {lib for b in binaries for lib in shared_libraries(b)}
         for path in [GUEST_PYTHON, *files, *sorted(libs)]:
             copy_into(stage, path)
         os.symlink("lib", os.path.join(stage, "lib64")) if not os.path.exists(

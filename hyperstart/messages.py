@@ -160,6 +160,7 @@ class User:
     uid: int = 0
     gid: int = 0
     additional_gids: list[int] = []
+    umask: int | None = None
 
 
 @message()
@@ -191,6 +192,7 @@ class ProcessSpec:
     no_new_privileges: bool = False
     capabilities: Capabilities | None = None
     console_size: ConsoleSize | None = None
+    oom_score_adj: int | None = None
     stdio: int = 0       # stream sequence of stdin and stdout (0: /dev/null)
     stderr: int = 0      # stream sequence of stderr (0: with stdout)
 
@@ -202,6 +204,28 @@ class Mount:
     source: str = ""
     options: list[str] = []
     shared: bool = False     # source is a path inside the sandbox's share
+
+
+@message()
+class Device:
+    """A device node to make in the container's /dev (OCI linux.devices)."""
+    path: str
+    type: str                # c, b, u or p
+    major: int = 0
+    minor: int = 0
+    file_mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+
+@message()
+class DeviceRule:
+    """One rule of the device cgroup (OCI linux.resources.devices), in order."""
+    allow: bool
+    type: str = "a"          # a, c or b
+    major: int | None = None  # None: any
+    minor: int | None = None
+    access: str = "rwm"
 
 
 @message()
@@ -286,6 +310,15 @@ class NewContainer:
     mounts: list[Mount] = []
     limits: dict[str, str] = {}   # cgroup v2 file name -> value
     wait: bool = False       # set up, then hold the process until StartContainer
+    # The rest of OCI's linux section, applied in the container as runc applies it.
+    domainname: str = ""
+    masked_paths: list[str] = []
+    readonly_paths: list[str] = []
+    sysctl: dict[str, str] = {}
+    devices: list[Device] = []
+    device_rules: list[DeviceRule] = []
+    rootfs_propagation: str = ""
+    seccomp: dict | None = None   # OCI linux.seccomp, compiled in the guest by libseccomp
 
 
 @message(code=p.STARTCONTAINER)

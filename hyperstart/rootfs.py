@@ -1,5 +1,12 @@
-"""A container's root filesystem, set up by its init before it execs: the OCI mounts,
-the default /dev, a read-only root, then a pivot (MS_MOVE + chroot) into it."""
+"""A container's root filesystem, set up by its init before it execs, in runc's order:
+root propagation, the OCI mounts (with their propagation), /dev with the default and
+the spec's devices, a read-only root, the move into it (MS_MOVE + chroot), then masked
+and read-only paths.
+
+Propagation: the sandbox's share is made a shared mount in the container's mount
+namespace before anything is bound from it, so the root and every bind mount are peers
+of it, and the spec's ``shared``/``slave``/``private`` options (and rootfsPropagation,
+runc's default rslave) then mean what they mean under runc."""
 import errno
 import os
 
@@ -16,8 +23,12 @@ MOUNT_FLAGS = {
     "noatime": (sc.MS_NOATIME, True), "nodiratime": (sc.MS_NODIRATIME, True),
     "relatime": (sc.MS_RELATIME, True), "strictatime": (sc.MS_STRICTATIME, True),
     "bind": (sc.MS_BIND, True), "rbind": (sc.MS_BIND | sc.MS_REC, True),
-    "private": (0, True), "rprivate": (0, True), "slave": (0, True), "rslave": (0, True),
-    "shared": (0, True), "rshared": (0, True),
+}
+PROPAGATION = {
+    "private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE | sc.MS_REC,
+    "slave": sc.MS_SLAVE, "rslave": sc.MS_SLAVE | sc.MS_REC,
+    "shared": sc.MS_SHARED, "rshared": sc.MS_SHARED | sc.MS_REC,
+    "unbindable": sc.MS_UNBINDABLE, "runbindable": sc.MS_UNBINDABLE | sc.MS_REC,
 }
 
 DEFAULT_DEVICES = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
@@ -29,9 +40,12 @@ DEV_PTS = m.Mount(destination="/dev/pts", type="devpts", source="devpts",
 
 
 def mount_options(options) -> tuple:
-    """Split OCI mount options into mount(2) flags and the filesystem data string."""
+    """Split OCI mount options into mount(2) flags and the filesystem data string
+    (propagation options are neither: see PROPAGATION)."""
     flags, data = 0, []
     for opt in options or []:
+        if opt in PROPAGATION:
+            continue
         if opt in MOUNT_FLAGS:
             bit, on = MOUNT_FLAGS[opt]
             flags = flags | bit if on else flags & ~bit
@@ -65,9 +79,16 @@ def secure_join(root: str, path: str) -> str:
 
 
 def setup_rootfs(request: m.NewContainer, root: str, share_dir: str, platform) -> None:
-    """In the container's init: mount its filesystems and make its root the root."""
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-    sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC)
+    """In the container's init: mount its filesystems and make its root the root (the
+    masked and read-only paths come later, after the sysctls: protect_paths)."""
+    propagation = PROPAGATION.get(request.rootfs_propagation or "rslave")
+    if propagation is None:
+        raise InvalidArgument(f"unknown rootfsPropagation {request.rootfs_propagation!r}")
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
+    share_mount = _mount_point(share_dir)
+    sc.mount(None, share_mount, None, sc.MS_SHARED)
+    sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC)   # a peer of the share
+    sc.mount(None, root, None, propagation)
     mounts = list(request.mounts)
     destinations = {mnt.destination.rstrip("/") for mnt in mounts}
     if "/dev" not in destinations:
@@ -79,16 +100,70 @@ def setup_rootfs(request: m.NewContainer, root: str, share_dir: str, platform) -
         where = mnt.destination.rstrip("/")
         if where == "/dev" and mnt.type == "tmpfs":
             make_devices(os.path.join(root, "dev"))
-        elif where == "/proc" and mnt.type == "proc":
-            platform.protect_proc(secure_join(root, "/proc"))
+    for device in request.devices:
+        make_device(root, device)
     if request.readonly:
         sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
     if request.hostname:
         sc.sethostname(request.hostname)
     os.chdir(root)
+    # A mount whose parent is shared (the share) cannot move, nor move onto a shared one
+    # (the old root); the root and the bind mounts stay peers of one another.
+    sc.mount(None, share_mount, None, sc.MS_PRIVATE)
+    sc.mount(None, "/", None, sc.MS_PRIVATE)
     sc.mount(root, "/", None, sc.MS_MOVE)
     os.chroot(".")
     os.chdir("/")
+
+
+def protect_paths(request: m.NewContainer, platform) -> None:
+    """In the container (after the move and the sysctls): masked and read-only paths,
+    and what the platform hides of its kernel's /proc whatever the spec says."""
+    for path in request.masked_paths:
+        mask_path(path)
+    for path in request.readonly_paths:
+        readonly_path(path)
+    if os.path.ismount("/proc"):
+        platform.protect_proc("/proc")
+
+
+def _mount_point(path: str) -> str:
+    """The mount point ``path`` lies on."""
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def mask_path(path: str) -> None:
+    """Hide ``path`` (in the container, after the move): /dev/null over a file, an empty
+    read-only tmpfs over a directory, as runc does."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY)
+    elif os.path.exists(path):
+        sc.mount("/dev/null", path, None, sc.MS_BIND)
+
+
+def readonly_path(path: str) -> None:
+    if not os.path.exists(path):
+        return
+    sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+    sc.mount(None, path, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC)
+
+
+def make_device(root: str, device: m.Device) -> None:
+    """A device node of linux.devices, with its mode and owner."""
+    kinds = {"c": 0o020000, "u": 0o020000, "b": 0o060000, "p": 0o010000}
+    if device.type not in kinds:
+        raise InvalidArgument(f"device {device.path}: unknown type {device.type!r}")
+    path = secure_join(root, device.path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.lexists(path):
+        os.unlink(path)
+    mode = 0o666 if device.file_mode is None else device.file_mode & 0o7777
+    os.mknod(path, mode | kinds[device.type], os.makedev(device.major, device.minor))
+    os.chmod(path, mode)
+    os.chown(path, device.uid or 0, device.gid or 0)
 
 
 def mount_one(root: str, mnt: m.Mount, share_dir: str) -> None:
@@ -109,6 +184,7 @@ def mount_one(root: str, mnt: m.Mount, share_dir: str) -> None:
         sc.mount(source, target, None, flags & (sc.MS_BIND | sc.MS_REC))
         if flags & ~(sc.MS_BIND | sc.MS_REC):
             sc.mount(None, target, None, flags | sc.MS_REMOUNT | sc.MS_BIND)
+        propagate(target, mnt.options)
         return
     os.makedirs(target, exist_ok=True)
     if kind == "cgroup":
@@ -119,6 +195,13 @@ def mount_one(root: str, mnt: m.Mount, share_dir: str) -> None:
         if kind == "mqueue" and e.errno in (errno.ENODEV, errno.EPERM):
             return  # an optional filesystem the guest kernel may not carry
         raise
+    propagate(target, mnt.options)
+
+
+def propagate(target: str, options) -> None:
+    for opt in options or []:
+        if opt in PROPAGATION:
+            sc.mount(None, target, None, PROPAGATION[opt])
 
 
 def make_devices(dev: str) -> None:

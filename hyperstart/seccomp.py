@@ -36,8 +36,20 @@ class ArgCmp(ctypes.Structure):
                 ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
 
 
+_LIB = None
+
+
+def preload() -> None:
+    """Load libseccomp in the agent, before a container process forks: in the child,
+    after it has moved into the container's root, the library is not there to load."""
+    _library()
+
+
 def _library():
-    lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    global _LIB
+    if _LIB is not None:
+        return _LIB
+    _LIB = lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
@@ -77,8 +89,9 @@ def conditions(args: list) -> list:
     return [cmps]
 
 
-def load(profile: dict) -> None:
-    """Compile ``profile`` (OCI linux.seccomp) and load it into this process."""
+def load(profile: dict, compile_only: bool = False) -> None:
+    """Compile ``profile`` (OCI linux.seccomp) and load it into this process (or only
+    check that it compiles)."""
     lib = _library()
     default = action(profile.get("defaultAction", ""), profile.get("defaultErrnoRet"))
     ctx = lib.seccomp_init(default)
@@ -109,7 +122,8 @@ def load(profile: dict) -> None:
                     array = (ArgCmp * len(cmps))(*cmps)
                     _check(lib.seccomp_rule_add_array(ctx, act, nr, len(cmps), array),
                            f"rule for {name}")
-        _check(lib.seccomp_load(ctx), "loading the filter")
+        if not compile_only:
+            _check(lib.seccomp_load(ctx), "loading the filter")
     finally:
         lib.seccomp_release(ctx)
 

@@ -15,7 +15,8 @@ import warnings  # noqa: F401  os.execvpe imports it, after the chroot where it 
 import _signal as signal
 import _socket as socket
 
-from . import rootfs
+from . import rootfs, security
+from . import seccomp as seccomp_filter
 from . import syscalls as sc
 from .errors import Internal, InvalidArgument
 from .model import Process
@@ -43,6 +44,8 @@ class Spawner:
         """Start ``proc`` in its container. Returns once it has exec'd, or (with ``wait``)
         once its set-up is done and it waits for StartContainer; sets ``proc.pid``.
         A set-up failure raises Internal with the child's reason."""
+        if proc.container.request.seccomp is not None:
+            seccomp_filter.preload()
         child_stdio = make_stdio(proc)
         pid_r, pid_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -92,9 +95,13 @@ class Spawner:
     # ---- in the helper child ----------------------------------------------------------
 
     def enter_new(self, proc: Process) -> None:
-        """Join the container's cgroup and make its namespaces."""
+        """Join the container's cgroup and make its namespaces: a cgroup namespace too
+        where the platform gives containers one, rooted at the cgroup just joined."""
         self.platform.cgroups.join(proc.container.id)
-        sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID)
+        flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
+        if self.platform.cgroup_namespace:
+            flags |= sc.CLONE_NEWCGROUP
+        sc.unshare(flags)
 
     def enter_existing(self, proc: Process) -> None:
         """Join the namespaces, cgroup and root of the container's init."""
@@ -102,9 +109,12 @@ class Spawner:
         init_pid = container.init.pid
         self.platform.cgroups.join(container.id)
         root_fd = os.open(f"/proc/{init_pid}/root", os.O_RDONLY | os.O_DIRECTORY)
-        fds = [(os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY), flag) for ns, flag in
-               (("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS),
-                ("pid", sc.CLONE_NEWPID), ("mnt", sc.CLONE_NEWNS))]
+        namespaces = [("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS),
+                      ("pid", sc.CLONE_NEWPID), ("mnt", sc.CLONE_NEWNS)]
+        if self.platform.cgroup_namespace:
+            namespaces.insert(0, ("cgroup", sc.CLONE_NEWCGROUP))
+        fds = [(os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY), flag)
+               for ns, flag in namespaces]
         for fd, flag in fds:
             sc.setns(fd, flag)
             os.close(fd)
@@ -115,17 +125,26 @@ class Spawner:
     # ---- in the container process -----------------------------------------------------
 
     def exec_child(self, proc: Process, init: bool, stdio: tuple, err_w: int, gate_r: int) -> None:
-        """Finish set-up and exec. Never returns."""
+        """Finish set-up and exec, in runc's order. Never returns."""
         spec = proc.spec
+        container = proc.container
+        request = container.request
+        caps = spec.capabilities
+        if caps is None and not init and container.init is not None:
+            caps = container.init.spec.capabilities  # an exec gets its container's
+        profile = request.seccomp
         try:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGINT, signal.SIGTERM,
                         signal.SIGHUP, signal.SIGQUIT, signal.SIGXFSZ):
                 signal.signal(sig, signal.SIG_DFL)
-            self.platform.bound_capabilities(proc)
             if init:
-                rootfs.setup_rootfs(proc.container.request, proc.container.root,
-                                    self.platform.share_dir, self.platform)
+                rootfs.setup_rootfs(request, container.root, self.platform.share_dir,
+                                    self.platform)
+                if request.domainname:
+                    security.set_domainname(request.domainname)
+                security.set_sysctls(request.sysctl)
+                rootfs.protect_paths(request, self.platform)
             os.setsid()
             if stdio[0] == PTY_MARKER:
                 stdio = open_container_pty(stdio[1], spec.console_size)
@@ -135,16 +154,19 @@ class Spawner:
                 fcntl.ioctl(0, TIOCSCTTY, 0)
             close_fds_except({err_w, gate_r})
             apply_rlimits(spec.rlimits)
+            if spec.oom_score_adj is not None:
+                security.set_oom_score_adj(spec.oom_score_adj)
             if spec.no_new_privileges:
                 sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-            user = spec.user
-            os.setgroups(list(user.additional_gids))
-            os.setgid(user.gid)
-            os.setuid(user.uid)
+            if profile is not None:
+                # Without no_new_privs the filter needs CAP_SYS_ADMIN: load it while
+                # still root; with it, compile now (errors surface here) and load last.
+                seccomp_filter.load(profile, compile_only=spec.no_new_privileges)
+            security.switch_user(spec.user, caps)
             os.chdir(spec.cwd or "/")
             env = dict(e.split("=", 1) for e in spec.env if "=" in e)
             env.setdefault("PATH", DEFAULT_PATH)
-            env.setdefault("HOME", "/root" if user.uid == 0 else "/")
+            env.setdefault("HOME", "/root" if spec.user.uid == 0 else "/")
             args = spec.args
             if not args:
                 raise InvalidArgument("process has no args")
@@ -157,6 +179,8 @@ class Spawner:
                 os._exit(1)  # the gate closed without a start: the container was removed
             os.close(gate_r)
         try:
+            if profile is not None and spec.no_new_privileges:
+                seccomp_filter.load(profile)  # the last thing before exec
             os.execvpe(args[0], args, env)
         except FileNotFoundError:
             code, why = 127, "executable file not found in $PATH" if "/" not in args[0] \
@@ -165,6 +189,8 @@ class Spawner:
             code, why = 126, "permission denied"
         except OSError as e:
             code, why = 126, e.strerror
+        except InvalidArgument as e:
+            code, why = 1, str(e)
         os.write(2, f"runv-py: exec: {args[0]!r}: {why}\n".encode())
         os._exit(code)
 

@@ -199,7 +199,8 @@ def test_kill_9_of_qemu_stops_the_container(runv, bundle):
 
 def test_guest_panic_stops_the_container(runv, bundle):
     cid = runv.id()
-    runv.detached("run", "-d", "-b", bundle(["sleep", "600"]), cid)
+    # runc's default spec makes /proc/sysrq-trigger read-only: this container may write it.
+    runv.detached("run", "-d", "-b", bundle(["sleep", "600"], linux__readonlyPaths=[]), cid)
     runv("exec", cid, "sh", "-c", "echo c > /proc/sysrq-trigger", timeout=30)
     wait_status(runv, cid, "stopped", timeout=20)
     runv("delete", cid, check=True)

@@ -16,7 +16,8 @@ def process_spec(process: dict, process_id: str, stdio_seq: int, stderr_seq: int
         cwd=process.get("cwd") or "/",
         terminal=bool(process.get("terminal")),
         user=m.User(uid=int(user.get("uid", 0)), gid=int(user.get("gid", 0)),
-                    additional_gids=[int(g) for g in user.get("additionalGids") or []]),
+                    additional_gids=[int(g) for g in user.get("additionalGids") or []],
+                    umask=user.get("umask")),
         rlimits=[m.Rlimit(type=r["type"], soft=int(r["soft"]), hard=int(r["hard"]))
                  for r in process.get("rlimits") or []],
         no_new_privileges=bool(process.get("noNewPrivileges")),
@@ -26,6 +27,7 @@ def process_spec(process: dict, process_id: str, stdio_seq: int, stderr_seq: int
         if caps is not None else None,
         console_size=m.ConsoleSize(height=int(size.get("height", 0)),
                                    width=int(size.get("width", 0))) if size else None,
+        oom_score_adj=process.get("oomScoreAdj"),
         stdio=stdio_seq,
         stderr=stderr_seq,
     )

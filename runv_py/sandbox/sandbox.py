@@ -20,6 +20,7 @@ from ..hyperstart import states
 from ..hyperstart.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..oci import hooks
 from ..oci.bundle import Bundle, check_process
+from ..oci.linux import container_fields
 from ..oci.process import process_spec
 from ..oci.resources import cgroup_limits
 from ..oci.state import oci_state
@@ -103,7 +104,7 @@ class Sandbox:
             reply = self.agent.call(m.NewContainer(
                 id=cid, rootfs=rootfs, process=init.spec, readonly=bundle.readonly,
                 hostname=bundle.hostname, mounts=mounts, limits=cgroup_limits(bundle.resources),
-                wait=True))
+                wait=True, **container_fields(bundle.spec)))
             init.pid = reply.pid
             container.init = init
             container.state.to(states.CREATED, "create")

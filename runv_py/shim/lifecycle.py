@@ -145,6 +145,9 @@ def delete(root: str, cid: str, force: bool = False) -> None:
             raise FailedPrecondition(f"cannot delete container {cid} that is not stopped: "
                                      f"{record.status} (use --force)")
         kill_shim(record)
+        if record.host_cgroups:
+            from ..host.cgroups import HostCgroup
+            HostCgroup(record.host_cgroups).remove()
         spec = bundle_spec(record)
         statedir.remove(record.path)
     record.status = states.STOPPED

@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from ..host import proc, statedir
 from ..hyperstart import states
@@ -40,6 +40,7 @@ class Record:
     finished: str = ""
     exit_status: Optional[int] = None
     oom_killed: bool = False
+    host_cgroups: List[str] = dataclasses.field(default_factory=list)   # cgroupsPath dirs
     execs: Dict[str, int] = dataclasses.field(default_factory=dict)        # id -> guest pid
     exec_exits: Dict[str, int] = dataclasses.field(default_factory=dict)   # id -> status
     path: str = ""                # the state directory (not stored)

@@ -61,6 +61,7 @@ class ShimServer:
         from ..vm.factory import OneShotFactory
         params = self.params
         driver = probe(params.driver)
+        self.join_host_cgroup()
         private_mount_namespace()
         if params.factory_policy or params.template_dir:
             factory = OneShotFactory(driver, params.factory_policy, params.template_dir)
@@ -75,6 +76,17 @@ class ShimServer:
             console_size=terminal_size(0) if params.tty_on_stdio else None)
         self.container.state.listeners.append(lambda old, new: self.update(status=new))
         self.update(status=self.container.state.status)
+
+    def join_host_cgroup(self) -> None:
+        """linux.cgroupsPath on the host: this shim, and so its QEMU, lives there."""
+        path = (self.bundle.spec.get("linux") or {}).get("cgroupsPath")
+        if not path:
+            return
+        from ..host.cgroups import HostCgroup, limits_for
+        cgroup = HostCgroup.for_path(path)
+        self.update(host_cgroups=cgroup.dirs)  # recorded first: delete removes them
+        cgroup.create(**limits_for(self.bundle.resources, self.params.config["memory_mib"]))
+        cgroup.join(0)
 
     def init_io(self) -> ProcessIO:
         """The init's stdio: ours (inherited from create), or a pty for a terminal."""
