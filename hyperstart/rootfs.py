@@ -14,6 +14,7 @@ from . import messages as m
 from . import syscalls as sc
 from .errors import InvalidArgument
 
+MS_NOSYMFOLLOW = 256
 MOUNT_FLAGS = {
     "ro": (sc.MS_RDONLY, True), "rw": (sc.MS_RDONLY, False),
     "nosuid": (sc.MS_NOSUID, True), "suid": (sc.MS_NOSUID, False),
@@ -23,6 +24,8 @@ MOUNT_FLAGS = {
     "noatime": (sc.MS_NOATIME, True), "nodiratime": (sc.MS_NODIRATIME, True),
     "relatime": (sc.MS_RELATIME, True), "strictatime": (sc.MS_STRICTATIME, True),
     "bind": (sc.MS_BIND, True), "rbind": (sc.MS_BIND | sc.MS_REC, True),
+    "dirsync": (sc.MS_DIRSYNC, True), "nosymfollow": (MS_NOSYMFOLLOW, True),
+    "symfollow": (MS_NOSYMFOLLOW, False), "defaults": (0, True),
 }
 PROPAGATION = {
     "private": sc.MS_PRIVATE, "rprivate": sc.MS_PRIVATE | sc.MS_REC,
@@ -189,6 +192,10 @@ def mount_one(root: str, mnt: m.Mount, share_dir: str) -> None:
     os.makedirs(target, exist_ok=True)
     if kind == "cgroup":
         kind, source, data = "cgroup2", "cgroup2", None
+    if "tmpcopyup" in mnt.options and kind == "tmpfs":
+        mount_tmpfs_copy_up(target, flags, _without(data, "tmpcopyup"))
+        propagate(target, mnt.options)
+        return
     try:
         sc.mount(source, target, kind, flags, data)
     except OSError as e:
@@ -196,6 +203,43 @@ def mount_one(root: str, mnt: m.Mount, share_dir: str) -> None:
             return  # an optional filesystem the guest kernel may not carry
         raise
     propagate(target, mnt.options)
+
+
+def _without(data, option: str):
+    rest = [o for o in (data or "").split(",") if o and o != option]
+    return ",".join(rest) or None
+
+
+def mount_tmpfs_copy_up(target: str, flags: int, data) -> None:
+    """runc's ``tmpcopyup``: a tmpfs over ``target`` that starts with what was there."""
+    scratch = os.path.join("/run", f"tmpcopyup-{os.getpid()}")
+    os.makedirs(scratch, exist_ok=True)
+    sc.mount("tmpfs", scratch, "tmpfs", flags, data)
+    copy_tree(target, scratch)
+    sc.mount(scratch, target, None, sc.MS_MOVE)
+    os.rmdir(scratch)
+
+
+def copy_tree(source: str, target: str) -> None:
+    """Copy a directory's contents (files, links, directories, with modes and owners);
+    the guest's Python has no shutil."""
+    for entry in os.scandir(source):
+        dest = os.path.join(target, entry.name)
+        st = entry.stat(follow_symlinks=False)
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), dest)
+        elif entry.is_dir(follow_symlinks=False):
+            os.mkdir(dest)
+            copy_tree(entry.path, dest)
+        elif entry.is_file(follow_symlinks=False):
+            with open(entry.path, "rb") as src, open(dest, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+        else:
+            continue  # sockets, devices: not copied up, as runc
+        os.chown(dest, st.st_uid, st.st_gid, follow_symlinks=False)
+        if not entry.is_symlink():
+            os.chmod(dest, st.st_mode & 0o7777)
 
 
 def propagate(target: str, options) -> None:

@@ -132,3 +132,18 @@ def _check(result: int, what: str) -> None:
     if result < 0:
         import os
         raise InvalidArgument(f"seccomp: {what}: {os.strerror(-result)}")
+
+
+class _Version(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+
+
+def library_version() -> str:
+    """libseccomp's version ('' if it is not installed)."""
+    try:
+        lib = _library()
+    except OSError:
+        return ""
+    lib.seccomp_version.restype = ctypes.POINTER(_Version)
+    v = lib.seccomp_version().contents
+    return f"{v.major}.{v.minor}.{v.micro}"

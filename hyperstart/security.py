@@ -122,8 +122,11 @@ def set_sysctls(sysctls: dict) -> None:
     """In the container's namespaces, with its /proc mounted."""
     for key, value in sysctls.items():
         check_sysctl(key)
-        with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
-            f.write(str(value))
+        try:
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(str(value))
+        except OSError as e:
+            raise InvalidArgument(f"sysctl {key}={value}: {e.strerror}") from None
 
 
 def set_domainname(name: str) -> None:

@@ -4,23 +4,20 @@ io.containerd.runvpy.v2` boots a real QEMU VM per task.
 A private containerd (own root, state, sockets, config; CRI disabled) runs with the shim
 on its PATH; the busybox OCI image is built here and imported with `ctr images import`.
 """
-import hashlib
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sysconfig
-import tarfile
 import tempfile
 import time
 import uuid
 
 import pytest
 
+import images
 from conftest import qemu_pids
-from runv_py.oci.busybox import make_bundle
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300),
               pytest.mark.skipif(not shutil.which("containerd") or not shutil.which("ctr"),
@@ -29,50 +26,6 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(300),
 RUNTIME = "io.containerd.runvpy.v2"
 IMAGE = "docker.io/runvpy/busybox:test"
 NAMESPACE = "runvtest"
-
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def build_image(path: str, work: str) -> None:
-    """An OCI image tar: one uncompressed layer with a busybox rootfs."""
-    bundle = make_bundle(os.path.join(work, "bundle"), ["sh"])
-    layer_buf = io.BytesIO()
-    with tarfile.open(fileobj=layer_buf, mode="w") as tar:
-        rootfs = os.path.join(bundle, "rootfs")
-        for name in sorted(os.listdir(rootfs)):
-            tar.add(os.path.join(rootfs, name), arcname=name)
-    layer = layer_buf.getvalue()
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [digest(layer)]},
-    }).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": digest(config), "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": digest(layer), "size": len(layer)}],
-    }).encode()
-    index = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": digest(manifest), "size": len(manifest),
-                       "platform": {"architecture": "amd64", "os": "linux"},
-                       "annotations": {"io.containerd.image.name": IMAGE,
-                                       "org.opencontainers.image.ref.name": "test"}}],
-    }).encode()
-    with tarfile.open(path, "w") as tar:
-        def add(name: str, data: bytes) -> None:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        add("oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
-        add("index.json", index)
-        for blob in (layer, config, manifest):
-            add("blobs/sha256/" + digest(blob).split(":")[1], blob)
 
 
 class Containerd:
@@ -156,7 +109,7 @@ class Containerd:
 def image_tar(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("image"))
     path = os.path.join(work, "busybox.tar")
-    build_image(path, work)
+    images.oci_archive(path, work, IMAGE)
     return path
 
 

@@ -86,6 +86,9 @@ class LazyGroup(click.Group):
 @click.option("--debug", is_flag=True, help="Verbose logging and guest kernel messages.")
 @click.option("--log", "log_file", default="", help="Log to this file instead of stderr.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option("--systemd-cgroup", is_flag=True, expose_value=False,
+              help="Accepted for runc compatibility: a slice:prefix:name cgroupsPath is "
+                   "always read as systemd's form.")
 @factory_options
 @click.pass_context
 def main(ctx, kernel, initrd, driver, default_cpus, default_memory, root, debug, log_file,
@@ -99,10 +102,12 @@ def main(ctx, kernel, initrd, driver, default_cpus, default_memory, root, debug,
 
 
 from . import commands as _commands  # noqa: E402  (they register themselves on main)
+from . import more as _more  # noqa: E402
 from ..compare import compare as _compare  # noqa: E402  (imports only click at start-up)
 main.add_command(_compare)
 main.add_command(manage)
 _commands.register(main)
+_more.register(main)
 
 if __name__ == "__main__":
     main()

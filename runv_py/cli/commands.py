@@ -22,12 +22,17 @@ def shim_args(opts) -> dict:
 @click.option("-d", "--detach", is_flag=True, help="Detach: create and start, then return.")
 @click.option("--pid-file", default="", help="Write the container's host pid here.")
 @click.option("--console-socket", default="", help="Unix socket that receives the pty master.")
+@click.option("--no-pivot", is_flag=True, hidden=True)
+@click.option("--no-new-keyring", is_flag=True, hidden=True)
+@click.option("--preserve-fds", type=int, default=0, hidden=True)
 @click.argument("container_id")
 @click.pass_obj
 @runtime_errors
-def run(opts, bundle, detach, pid_file, console_socket, container_id):
+def run(opts, bundle, detach, pid_file, console_socket, no_pivot, no_new_keyring, preserve_fds,
+        container_id):
     """Create and run a container in a new VM (foreground unless -d)."""
     from ..shim import lifecycle
+    no_preserved_fds(preserve_fds)
     if detach:
         lifecycle.create(opts.root, container_id, bundle, console_socket=console_socket,
                          pid_file=pid_file, **shim_args(opts))
@@ -43,15 +48,25 @@ def run(opts, bundle, detach, pid_file, console_socket, container_id):
 @click.option("--console-socket", default="", help="Unix socket that receives the pty master.")
 @click.option("--no-pivot", is_flag=True, hidden=True)
 @click.option("--no-new-keyring", is_flag=True, hidden=True)
+@click.option("--preserve-fds", type=int, default=0, hidden=True)
 @click.option("--stdio", default="", hidden=True, help="IN,OUT,ERR paths for the container's stdio.")
 @click.argument("container_id")
 @click.pass_obj
 @runtime_errors
-def create(opts, bundle, pid_file, console_socket, no_pivot, no_new_keyring, stdio, container_id):
+def create(opts, bundle, pid_file, console_socket, no_pivot, no_new_keyring, preserve_fds, stdio,
+           container_id):
     """Create a container in a new VM; its process waits for `start`."""
     from ..shim import lifecycle
+    no_preserved_fds(preserve_fds)
     lifecycle.create(opts.root, container_id, bundle, console_socket=console_socket,
                      stdio_paths=split_stdio(stdio), pid_file=pid_file, **shim_args(opts))
+
+
+def no_preserved_fds(count: int) -> None:
+    """runc's --preserve-fds hands host fds to the container: they cannot enter a VM."""
+    if count:
+        from ..hyperstart.errors import InvalidArgument
+        raise InvalidArgument("--preserve-fds: host file descriptors cannot be passed into a VM")
 
 
 def split_stdio(value: str) -> tuple:
@@ -164,15 +179,17 @@ def ps(opts, fmt, container_id, ps_args):
 @click.option("-u", "--user", default="", help="uid[:gid] to run as.")
 @click.option("--pid-file", default="", help="Write the process's host pid here.")
 @click.option("--console-socket", default="", help="Unix socket that receives the pty master.")
+@click.option("--preserve-fds", type=int, default=0, hidden=True)
 @click.option("--exec-id", default="", hidden=True, help="Name of the process (daemon use).")
 @click.option("--stdio", default="", hidden=True, help="IN,OUT,ERR paths for the process's stdio.")
 @click.argument("container_id")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 @runtime_errors
-def exec(opts, process_file, tty, detach, cwd, env, user, pid_file, console_socket, exec_id,
-         stdio, container_id, command):
+def exec(opts, process_file, tty, detach, cwd, env, user, pid_file, console_socket, preserve_fds,
+         exec_id, stdio, container_id, command):
     """Run a process in a running container."""
+    no_preserved_fds(preserve_fds)
     from ..oci.bundle import BundleError
     from ..shim import lifecycle
     from .run import RawTerminal

@@ -61,7 +61,7 @@ def create(root: str, cid: str, bundle_path: str, config: dict, driver: str = ""
                     write_pid_file(pid_file, pid)
                 return pid
         except BaseException:
-            statedir.remove(params.state_dir)
+            remove_state(read(root, cid))
             raise
     finally:
         for fd in stdio_fds:
@@ -144,14 +144,20 @@ def delete(root: str, cid: str, force: bool = False) -> None:
         if record.status in (states.RUNNING, states.PAUSED) and not force:
             raise FailedPrecondition(f"cannot delete container {cid} that is not stopped: "
                                      f"{record.status} (use --force)")
-        kill_shim(record)
-        if record.host_cgroups:
-            from ..host.cgroups import HostCgroup
-            HostCgroup(record.host_cgroups).remove()
         spec = bundle_spec(record)
-        statedir.remove(record.path)
+        remove_state(record)
     record.status = states.STOPPED
     hooks.run_hooks(spec.get("hooks"), hooks.POSTSTOP, record.oci_state())
+
+
+def remove_state(record: Record) -> None:
+    """Everything a container leaves on the host: its shim (and VM), its host cgroup,
+    its state directory."""
+    kill_shim(record)
+    if record.host_cgroups:
+        from ..host.cgroups import HostCgroup
+        HostCgroup(record.host_cgroups).remove()
+    statedir.remove(record.path)
 
 
 def bundle_spec(record: Record) -> dict:

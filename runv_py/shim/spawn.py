@@ -25,7 +25,13 @@ LOG_FILE = "shim.log"
 
 def spawn(params: ShimParams, timeout: float, stdio_fds=()) -> int:
     """Start the shim for ``params``; returns its pid once its container is created.
-    The container's stdio are the caller's fds 0, 1, 2, or ``stdio_fds`` when given."""
+    The container's stdio are the caller's fds 0, 1, 2, or ``stdio_fds`` when given. A
+    container whose terminal goes to a console socket has no use for them: the shim
+    then holds none of the caller's (a caller may wait for its output pipe to close)."""
+    devnull = []
+    if params.console_socket:
+        devnull = [os.open(os.devnull, os.O_RDWR)]
+        stdio_fds = devnull * 3
     read_end, write_end = os.pipe()
     try:
         if threading.active_count() == 1:
@@ -34,6 +40,8 @@ def spawn(params: ShimParams, timeout: float, stdio_fds=()) -> int:
             pid = _exec(params, stdio_fds, write_end)
     finally:
         os.close(write_end)
+        for fd in devnull:
+            os.close(fd)
     ready, _, _ = select.select([read_end], [], [], timeout)
     raw = os.read(read_end, 65536) if ready else b""
     os.close(read_end)
