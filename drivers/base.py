@@ -12,6 +12,7 @@ from typing import Optional, Protocol, Tuple
 class VM(Protocol):
     pid: int
     share_tag: str             # the 9p tag of the sandbox's share ("": nothing to mount)
+    network_in_guest: bool     # a pod's network must be set up by the agent
 
     def channels(self) -> Tuple:
         """Connected sockets to the agent's control and stream channels."""
@@ -36,6 +37,18 @@ class VM(Protocol):
         """Load the device state at ``path`` into an incoming VM and run it."""
 
 
+class Network(Protocol):
+    """A pod's network for a VM (runv_py/net/pod.py): the namespace it lives in, and the
+    taps that carry it into a VM."""
+    netns: str
+
+    def attach(self) -> list:
+        """Create the taps; returns NICs with ``fd`` and ``mac``."""
+
+    def close_fds(self) -> None:
+        """The VM holds the taps now."""
+
+
 class Driver(Protocol):
     name: str
     kind: str                  # "vm" (a real VM) or "namespace" (the host's kernel)
@@ -45,8 +58,9 @@ class Driver(Protocol):
 
     def launch(self, config, workdir: str, name: str, share_dir: str,
                memory_file: Optional[str] = None, shared_memory: bool = False,
-               incoming: bool = False) -> VM:
+               incoming: bool = False, network: Optional[Network] = None) -> VM:
         """Start a VM for ``config`` (a BootConfig) with its files in ``workdir``; returns
         at once, the guest boots on. ``memory_file`` backs the guest RAM with a file
         (``shared_memory``: a template's, written through; else a private copy-on-write
-        map for a clone); ``incoming`` waits for load_state instead of booting."""
+        map for a clone); ``incoming`` waits for load_state instead of booting;
+        ``network`` is the pod's network the VM joins."""

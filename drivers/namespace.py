@@ -41,14 +41,16 @@ class NamespaceDriver:
                 "isolation": "mount, UTS, IPC, network and pid namespaces; cgroup v1 "
                              "memory, pids, cpu, freezer"}
 
-    def launch(self, config, workdir: str, name: str, share_dir: str, **_template) -> "NamespaceVM":
-        """Start the agent for ``config``; returns at once (the agent says READY)."""
+    def launch(self, config, workdir: str, name: str, share_dir: str, network=None,
+               **_template) -> "NamespaceVM":
+        """Start the agent for ``config``; returns at once (the agent says READY). With a
+        pod ``network`` the agent joins its namespace instead of making one."""
         os.makedirs(workdir, exist_ok=True)
         share_dir = os.path.abspath(share_dir)
         os.makedirs(share_dir, exist_ok=True)
         vm = NamespaceVM(name, workdir, share_dir)
         try:
-            vm.start(config)
+            vm.start(config, network.netns if network is not None else "")
         except BaseException:
             vm.stop()
             raise
@@ -59,6 +61,7 @@ class NamespaceVM:
     """The agent process tree standing in for a VM, and what it holds on the host."""
 
     share_tag = ""            # the share is the host directory itself
+    network_in_guest = False  # the agent joined the pod's network namespace itself
 
     def __init__(self, name: str, workdir: str, share_dir: str):
         self.name = name
@@ -70,7 +73,7 @@ class NamespaceVM:
         self.share_mounted = False
         self._channels = None
 
-    def start(self, config) -> None:
+    def start(self, config, netns: str = "") -> None:
         self.cgroups = self.cgroup_paths()
         # A shared mount: later rootfs binds under it reach the agent's namespace.
         sc.mount(self.share_dir, self.share_dir, None, sc.MS_BIND)
@@ -86,6 +89,7 @@ class NamespaceVM:
         # Capped like the VM it stands in for: its memory and its vCPUs.
         cmd += [f"--memory={config.memory_mib * 1024 * 1024}", f"--cpus={config.cpus}"]
         parent = os.getpid()
+        netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns else -1
 
         def enter():  # in the child, before exec: no imports here
             # If we die, the launcher kills the agent and removes the cgroups: SIGTERM,
@@ -94,8 +98,10 @@ class NamespaceVM:
             sc.die_with_parent(signal.SIGTERM)
             if os.getppid() != parent:
                 os._exit(1)  # the runtime died before the parent-death signal was set
-            sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET
-                       | sc.CLONE_NEWPID)
+            if netns_fd >= 0:
+                sc.setns(netns_fd, sc.CLONE_NEWNET)
+            sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
+                       | (0 if netns_fd >= 0 else sc.CLONE_NEWNET))
 
         with open(os.path.join(self.workdir, AGENT_LOG), "wb") as alog:
             try:
@@ -107,6 +113,8 @@ class NamespaceVM:
             finally:
                 ctl_agent.close()
                 stream_agent.close()
+                if netns_fd >= 0:
+                    os.close(netns_fd)
         self.pid = self.process.pid
 
     def cgroup_paths(self) -> dict:

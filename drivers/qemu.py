@@ -66,15 +66,22 @@ class QemuDriver:
             khz = host_tsc_khz()
             if khz:
                 args.append(f"tsc_early_khz={khz}")
+        # Room to grow (a pod's VM): the VM has the maximum, the guest starts on less and
+        # onlines the rest when told (ONLINECPUMEM).
+        if config.max_cpus > config.cpus:
+            args.append(f"maxcpus={config.cpus}")
+        if config.max_memory_mib > config.memory_mib:
+            args.append(f"mem={config.memory_mib}M")
         return " ".join(args + list(config.extra_cmdline))
 
     def command(self, config, name: str, share_dir: str, memory_file: str = "",
-                shared_memory: bool = False, incoming: bool = False) -> list:
+                shared_memory: bool = False, incoming: bool = False, nics=()) -> list:
         machine = "microvm,acpi=off,rtc=on,pit=on,pic=on,isa-serial=on"
         accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else \
                 ["-accel", "tcg,thread=multi"]
         cmd = [self.qemu, "-name", f"runv-py:{name}", *accel,
-               "-smp", str(config.cpus), "-m", f"{config.memory_mib}M",
+               "-smp", str(max(config.cpus, config.max_cpus)),
+               "-m", f"{max(config.memory_mib, config.max_memory_mib)}M",
                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                # An incoming VM (a template's clone) never boots: its RAM holds the
                # kernel already, and loading 30 MB of boot files would cost time and memory.
@@ -97,13 +104,17 @@ class QemuDriver:
             cmd += ["-object", f"memory-backend-file,id=mem0,size={config.memory_mib}M,"
                                f"mem-path={memory_file},share={'on' if shared_memory else 'off'}"]
             machine += ",memory-backend=mem0"
+        for i, nic in enumerate(nics):
+            # The tap is opened in the pod's namespace; QEMU gets its fd (vhost off: TCG).
+            cmd += ["-netdev", f"tap,id=net{i},fd={nic.fd},vhost=off",
+                    "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac}"]
         if incoming:
             cmd += ["-incoming", "defer"]
         cmd += ["-machine", machine]
         return cmd
 
     def launch(self, config, workdir: str, name: str, share_dir: str, memory_file: str = "",
-               shared_memory: bool = False, incoming: bool = False) -> "QemuVM":
+               shared_memory: bool = False, incoming: bool = False, network=None) -> "QemuVM":
         """Start QEMU for ``config`` in ``workdir``; returns at once (the guest boots)."""
         for path, what in ((config.kernel, "guest kernel"), (config.initrd, "initrd")):
             if not os.path.isfile(path):
@@ -115,16 +126,20 @@ class QemuDriver:
                 os.unlink(os.path.join(workdir, stale))
             except FileNotFoundError:
                 pass
+        nics = network.attach() if network is not None else []
         cmd = self.command(config, name, os.path.abspath(share_dir), memory_file,
-                           shared_memory, incoming)
+                           shared_memory, incoming, nics)
         log.debug("launching %s", " ".join(cmd))
         with open(os.path.join(workdir, QEMU_LOG), "wb") as qlog:
             try:
                 proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL,
                                         stdout=qlog, stderr=qlog, preexec_fn=_die_with_parent,
-                                        start_new_session=True)
+                                        start_new_session=True, pass_fds=[n.fd for n in nics])
             except OSError as e:
                 raise DriverError(f"cannot start {self.qemu}: {e}") from None
+            finally:
+                if network is not None:
+                    network.close_fds()
         if incoming:
             # A clone is driven over QMP at once: load the client while QEMU starts.
             import qemu.qmp.legacy  # noqa: F401
@@ -135,6 +150,7 @@ class QemuVM:
     """A running QEMU process and the files through which it is reached."""
 
     share_tag = SHARE_TAG     # the guest mounts the sandbox's share with this 9p tag
+    network_in_guest = True   # a pod's network is configured by the agent, in the guest
 
     def __init__(self, driver: QemuDriver, process: subprocess.Popen, workdir: str):
         self.driver = driver

@@ -37,6 +37,8 @@ class Commands:
             p.WRITEFILE: self.write_file, p.READFILE: self.read_file,
             p.PROCESSLIST: self.process_list, p.RESEED: self.reseed,
             p.STREAMCLOSED: self.stream_closed,
+            p.SETUPINTERFACE: self.setup_interface, p.SETUPROUTE: self.setup_route,
+            p.ONLINECPUMEM: self.online_cpu_mem,
         }
 
     def container(self, cid: str) -> Container:
@@ -74,6 +76,14 @@ class Commands:
             self.platform.set_hostname(msg.hostname)
         return None
 
+    def setup_interface(self, msg: m.SetupInterface) -> None:
+        self.platform.setup_interface(msg)
+        return None
+
+    def setup_route(self, msg: m.SetupRoute) -> None:
+        self.platform.setup_routes(msg)
+        return None
+
     # ---- containers -----------------------------------------------------------------
 
     def new_container(self, msg: m.NewContainer) -> m.PidReply:
@@ -86,11 +96,12 @@ class Commands:
             os.path.join(self.platform.share_dir, msg.rootfs)
         if not os.path.isdir(root):
             raise NotFound(f"rootfs {root} is not a directory")
+        shared = {kind: self.running_init(other, kind) for kind, other in msg.share.items()}
         container = Container(msg, root)
         self.cgroups.create(cid, msg.limits, msg.device_rules)
         proc = Process(container, msg.process)
         try:
-            self.spawner.spawn(proc, init=True, wait=msg.wait)
+            self.spawner.spawn(proc, init=True, wait=msg.wait, shared=shared)
         except Exception:
             self.cgroups.remove(cid)
             raise
@@ -102,6 +113,20 @@ class Commands:
             container.state.to(states.RUNNING, "start")
             proc.state.to(states.RUNNING, "start")
         return m.PidReply(pid=proc.pid)
+
+    def running_init(self, cid: str, kind: str) -> int:
+        """The pid of ``cid``'s init, whose ``kind`` namespace a new container joins."""
+        if kind not in ("ipc", "uts", "pid"):
+            raise InvalidArgument(f"cannot share a {kind!r} namespace")
+        init = self.container(cid).init
+        if init is None or init.exited:
+            raise states.StateError(f"container {cid}", f"share the {kind} namespace of",
+                                    states.STOPPED, (states.CREATED, states.RUNNING))
+        return init.pid
+
+    def online_cpu_mem(self, msg: m.OnlineCpuMem) -> None:
+        self.platform.online_cpu_mem(msg.cpus, msg.memory_mib)
+        return None
 
     def start_container(self, msg: m.StartContainer) -> None:
         container = self.container(msg.container)

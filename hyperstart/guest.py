@@ -5,6 +5,7 @@ import os
 import struct
 import time
 
+from . import network
 from . import protocol as p
 from . import syscalls as sc
 from .agent import Agent, log
@@ -45,6 +46,17 @@ class GuestPlatform:
 
     def protect_proc(self, proc_dir: str) -> None:
         pass  # the guest's /proc shows the guest's kernel; the spec's masks apply
+
+    def online_cpu_mem(self, cpus: int, memory_mib: int) -> None:
+        from . import hotplug
+        hotplug.online_cpus(cpus)
+        hotplug.online_memory(memory_mib)
+
+    def setup_interface(self, msg) -> None:
+        network.setup_interface(msg)
+
+    def setup_routes(self, msg) -> None:
+        network.setup_routes(msg)
 
     def power_off(self) -> None:
         # PID 1 must never exit: reset the machine instead (QEMU runs with -no-reboot).
@@ -94,6 +106,7 @@ def guest_main() -> None:
     try:
         mount_guest_filesystems()
         platform.cgroups.setup()
+        network.loopback_up()
         ctl = os.open(find_port(p.CONTROL_PORT), os.O_RDWR | os.O_NONBLOCK)
         stream = os.open(find_port(p.STREAM_PORT), os.O_RDWR | os.O_NONBLOCK)
         Agent(ctl, stream, platform).run()

@@ -19,6 +19,7 @@ import sys
 from . import syscalls as sc
 from .agent import Agent, log
 from .cgroups import HostCgroups, remove_tree, write_file
+from .errors import FailedPrecondition
 
 # runc's defaults: a container sharing the host's kernel must not reach these through
 # its own /proc (in a VM they belong to the guest's kernel, so the guest keeps them).
@@ -48,6 +49,14 @@ class HostPlatform:
 
     def protect_proc(self, proc_dir: str) -> None:
         protect_proc(proc_dir)
+
+    def online_cpu_mem(self, cpus: int, memory_mib: int) -> None:
+        pass  # the host's CPUs and memory: the sandbox's cgroups cap them
+
+    def setup_interface(self, msg) -> None:
+        raise FailedPrecondition("the host agent is in the pod's network namespace already")
+
+    setup_routes = setup_interface
 
     def power_off(self) -> None:
         pass

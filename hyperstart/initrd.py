@@ -22,13 +22,13 @@ PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib
 # Loaded by the agent with ctypes (dlopen), so ldd of the interpreter does not find it.
 DLOPENED = ["libseccomp.so.2"]
 # The agent's modules: everything in hyperstart but the host-only ones.
-AGENT_FILES = ["__init__.py", "protocol.py", "messages.py", "errors.py", "states.py",
+AGENT_FILES = ["__init__.py", "protocol.py", "typed.py", "messages.py", "errors.py", "states.py",
                "syscalls.py", "model.py", "rootfs.py", "security.py", "seccomp.py", "spawn.py",
-               "cgroups.py", "commands.py", "agent.py", "guest.py"]
+               "cgroups.py", "commands.py", "agent.py", "network.py", "hotplug.py", "guest.py"]
 # Imported lazily by the agent (in children, or on error paths), so named explicitly.
 EXTRA_MODULES = ["resource", "traceback", "warnings", "encodings.utf_8", "encodings.latin_1",
                  "encodings.ascii"]
-BUSYBOX_APPLETS = ["sh", "ls", "cat", "mount", "reboot", "poweroff", "ps", "dmesg"]
+BUSYBOX_APPLETS = ["sh", "ls", "cat", "mount", "reboot", "poweroff", "ps", "dmesg", "ip"]
 
 INIT = """#!/usr/bin/python3.11 -ISB
 import sys

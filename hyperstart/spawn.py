@@ -40,7 +40,7 @@ class Spawner:
     def __init__(self, platform):
         self.platform = platform
 
-    def spawn(self, proc: Process, init: bool, wait: bool = False) -> None:
+    def spawn(self, proc: Process, init: bool, wait: bool = False, shared: dict = None) -> None:
         """Start ``proc`` in its container. Returns once it has exec'd, or (with ``wait``)
         once its set-up is done and it waits for StartContainer; sets ``proc.pid``.
         A set-up failure raises Internal with the child's reason."""
@@ -58,7 +58,7 @@ class Spawner:
                 os.close(pid_r)
                 os.close(err_r)
                 if init:
-                    self.enter_new(proc)
+                    self.enter_new(proc, shared or {})
                 else:
                     self.enter_existing(proc)
                 pid = os.fork()
@@ -94,11 +94,20 @@ class Spawner:
 
     # ---- in the helper child ----------------------------------------------------------
 
-    def enter_new(self, proc: Process) -> None:
+    def enter_new(self, proc: Process, shared: dict) -> None:
         """Join the container's cgroup and make its namespaces: a cgroup namespace too
-        where the platform gives containers one, rooted at the cgroup just joined."""
+        where the platform gives containers one, rooted at the cgroup just joined. The
+        namespaces in ``shared`` (type -> pid of the init whose they are) are joined."""
         self.platform.cgroups.join(proc.container.id)
-        flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
+        flags = sc.CLONE_NEWNS
+        for kind, flag in (("uts", sc.CLONE_NEWUTS), ("ipc", sc.CLONE_NEWIPC),
+                           ("pid", sc.CLONE_NEWPID)):
+            if kind in shared:
+                fd = os.open(f"/proc/{shared[kind]}/ns/{kind}", os.O_RDONLY)
+                sc.setns(fd, flag)
+                os.close(fd)
+            else:
+                flags |= flag
         if self.platform.cgroup_namespace:
             flags |= sc.CLONE_NEWCGROUP
         sc.unshare(flags)

@@ -162,7 +162,7 @@ def test_container_with_fifos_exec_signal_update_and_events(daemon, tmp_path):
     check_in, check_out, check_err = d.fifos("check")
     check = FifoReader(check_out)
     d.api.AddProcess(pb.AddProcessRequest(
-        id=cid, pid="check", args=["sh", "-c", f"cat /sys/fs/cgroup/runv/{cid}/memory.max"],
+        id=cid, pid="check", args=["sh", "-c", "cat /sys/fs/cgroup/memory.max"],
         cwd="/", stdin=check_in, stdout=check_out, stderr=check_err), timeout=60)
     assert str(96 * 1024 * 1024).encode() in check.wait_for(b"\n")
     stats = d.api.Stats(pb.StatsRequest(id=cid), timeout=30)

@@ -1,21 +1,19 @@
 """The runv-py command line, shaped like runc's.
 
-Only click is imported at start-up; each command imports what it needs, so `state` or
-`list` do not pay for QEMU, QMP or gRPC modules. Containers are reached only through
-their shims (runv_py.shim); errors of the runtime are mapped to runc's exit status 1 and
-its messages here, once, in ``runtime_errors``.
+Tools call `state`, `list`, `kill`, `ps` and `events` in loops, so start-up counts. This
+package imports only the standard library's ``os`` and ``sys`` when it loads; ``main``
+hands those five commands, written the way click would parse them, to fast.py, which runs
+them without importing click; everything else (and any of the five written some other
+way: a help flag, an unknown option, a missing argument) goes to the click CLI in app.py,
+which parses and reports exactly as it always has. Both run the same code for a command
+(hot.py, the click commands in commands.py and more.py), with the global flags in the
+same ``Options``. Each command imports what it needs, so none pays for QEMU, QMP or gRPC
+modules. Containers are reached only through their shims (runv_py.shim); errors of the
+runtime are mapped to runc's exit status 1 and its messages here, once, in
+``runtime_errors``.
 """
-import functools
-import logging
 import os
 import sys
-
-import click
-
-from .. import __version__, paths
-from .manage import factory_options, manage
-
-log = logging.getLogger("runv_py.cli")
 
 
 class Options:
@@ -30,22 +28,54 @@ class Options:
                 "kernel": self.kernel, "initrd": self.initrd, "debug": self.debug}
 
 
+def make_options(kernel, initrd, driver, default_cpus, default_memory, root, debug, log_file,
+                 log_format) -> Options:
+    """The global flags' values as the commands see them (after logging is set up)."""
+    return Options(kernel=kernel, initrd=initrd, driver=driver, default_cpus=default_cpus,
+                   default_memory=default_memory, root=root, debug=debug,
+                   log_file=os.path.abspath(log_file) if log_file else "",
+                   log_format=log_format)
+
+
 def setup_logging(debug: bool, log_file: str, log_format: str) -> None:
     """runc's --log and --log-format (see runv_py.logs)."""
+    import logging
+
     from ..logs import handler
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if log_file else logging.WARNING,
                         handlers=[handler(log_file, log_format)])
 
 
+def echo(message: str, err: bool = False) -> None:
+    """``click.echo(message, err=err)``, without importing click where that writes plain
+    text to a UTF-8 text stream (the common case, in which click does just this); click
+    itself otherwise (ANSI escapes, which click strips from what is not a terminal;
+    another encoding, for which click rewraps the stream)."""
+    import io
+    stream = sys.stderr if err else sys.stdout
+    if (isinstance(stream, io.TextIOWrapper) and "\033" not in message
+            and stream.encoding in ("utf-8", "UTF-8", "utf8") and stream.errors is not None):
+        stream.write(message + "\n")
+        stream.flush()
+        return
+    import click
+    click.echo(message, err=err)
+
+
 def fail(message: str, code: int = 1):
-    if any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
-        log.error("%s", message)  # --log: the caller (go-runc) reads the reason there
-    click.echo(f"runv-py: {message}", err=True)
+    if "logging" in sys.modules:  # else no handler can exist yet
+        import logging
+        if any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
+            # --log: the caller (go-runc) reads the reason there
+            logging.getLogger("runv_py.cli").error("%s", message)
+    echo(f"runv-py: {message}", err=True)
     sys.exit(code)
 
 
 def runtime_errors(fn):
     """The edge of the CLI: any error of the runtime exits 1 with its message, as runc."""
+    import functools
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from ..hyperstart.errors import RunvError
@@ -56,58 +86,19 @@ def runtime_errors(fn):
     return wrapper
 
 
-class LazyGroup(click.Group):
-    """Loads `ctr` (and grpc) only when it is used."""
-
-    def get_command(self, ctx, name):
-        if name == "ctr":
-            from ..containerd02.ctr import ctr
-            return ctr
-        return super().get_command(ctx, name)
-
-    def list_commands(self, ctx):
-        return sorted(super().list_commands(ctx) + ["ctr"])
+def main(args=None, **extra):
+    """The `runv-py` command (the console script's entry point, and ``python3 -m
+    runv_py.cli``): the fast path for the commands tools poll with, click for the rest.
+    Keyword arguments are click's ``main``'s (they skip the fast path)."""
+    if not extra:
+        from .fast import dispatch
+        dispatch(sys.argv[1:] if args is None else list(args))  # exits if it ran a command
+    from .app import cli
+    return cli(args, **extra)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="runv-py")
-@click.option("--kernel", default=paths.KERNEL, show_default=True,
-              envvar="RUNV_KERNEL", help="Guest kernel (uncompressed vmlinux).")
-@click.option("--initrd", default=paths.INITRD, show_default=True,
-              envvar="RUNV_INITRD", help="Guest initrd holding the hyperstart agent.")
-@click.option("--driver", default="", envvar="RUNV_DRIVER",
-              help="Hypervisor driver: kvm, qemu-tcg or namespace (default: best available).")
-@click.option("--default-cpus", default=1, show_default=True, type=click.IntRange(1, 16),
-              help="vCPUs of a VM when the bundle sets no cpu limit.")
-@click.option("--default-memory", default=256, show_default=True, type=click.IntRange(64, 65536),
-              help="Memory of a VM in MiB when the bundle sets no memory limit.")
-@click.option("--root", default=paths.STATE_ROOT, show_default=True, envvar="RUNV_ROOT",
-              help="Directory for container state.")
-@click.option("--debug", is_flag=True, help="Verbose logging and guest kernel messages.")
-@click.option("--log", "log_file", default="", help="Log to this file instead of stderr.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
-@click.option("--systemd-cgroup", is_flag=True, expose_value=False,
-              help="Accepted for runc compatibility: a slice:prefix:name cgroupsPath is "
-                   "always read as systemd's form.")
-@factory_options
-@click.pass_context
-def main(ctx, kernel, initrd, driver, default_cpus, default_memory, root, debug, log_file,
-         log_format):
-    """runv-py: run OCI containers, each in its own virtual machine."""
-    setup_logging(debug, log_file, log_format)
-    ctx.obj = Options(kernel=kernel, initrd=initrd, driver=driver, default_cpus=default_cpus,
-                      default_memory=default_memory, root=root, debug=debug,
-                      log_file=os.path.abspath(log_file) if log_file else "",
-                      log_format=log_format)
-
-
-from . import commands as _commands  # noqa: E402  (they register themselves on main)
-from . import more as _more  # noqa: E402
-from ..compare import compare as _compare  # noqa: E402  (imports only click at start-up)
-main.add_command(_compare)
-main.add_command(manage)
-_commands.register(main)
-_more.register(main)
-
-if __name__ == "__main__":
-    main()
+def __getattr__(name):
+    if name == "cli":  # the click group, loaded when it is asked for
+        from .app import cli
+        return cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

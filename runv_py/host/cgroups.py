@@ -86,6 +86,22 @@ class HostCgroup:
             if not remove_tree(path):
                 log.warning("cannot remove cgroup %s", path)
 
+    @staticmethod
+    def rejoin(proc_cgroup_lines: list) -> None:
+        """Move this process back to the cgroups /proc/self/cgroup said it was in."""
+        v1 = v1_cgroup_dirs(V1_CONTROLLERS)
+        roots = _v1_roots(V1_CONTROLLERS)
+        for line in proc_cgroup_lines:
+            _, names, path = line.split(":", 2)
+            targets = [os.path.join(roots[n], path.lstrip("/")) for n in names.split(",")
+                       if n in v1 and n in roots] if names else \
+                [os.path.join(UNIFIED, path.lstrip("/"))] if is_v2() else []
+            for target in targets:
+                try:
+                    write_file(os.path.join(target, "cgroup.procs"), "0")
+                except OSError as e:
+                    log.warning("cannot move back to %s: %s", target, e)
+
 
 def limits_for(resources: dict, vm_memory_mib: int) -> Dict[str, Optional[int]]:
     """The host cgroup's limits for a container with OCI ``resources`` in a VM of

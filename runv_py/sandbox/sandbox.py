@@ -41,8 +41,9 @@ def rfc3339(when: float) -> str:
 
 
 class Sandbox:
-    def __init__(self, sandbox_id: str, booted: BootedVM):
+    def __init__(self, sandbox_id: str, booted: BootedVM, network=None):
         self.id = sandbox_id
+        self.network = network    # the pod's network (runv_py/net), if it has one
         self.booted = booted
         self.vm = booted.vm
         self.agent = booted.agent
@@ -52,18 +53,31 @@ class Sandbox:
         self.listeners: List[Listener] = []   # told of each process exit, in order
         self.paused = False
         self.destroyed = False
+        self.cpus = booted.config.cpus               # online in the guest now
+        self.memory_mib = booted.config.memory_mib
         self._exits: "queue.Queue" = queue.Queue()
         self.agent.event_callbacks.append(self._exits.put)
         threading.Thread(target=self._dispatch_exits, name="exits", daemon=True).start()
         threading.Thread(target=self._watch_vm, name="vm-watch", daemon=True).start()
 
     @classmethod
-    def boot(cls, sandbox_id: str, factory, config, workdir: str, hostname: str = "") -> "Sandbox":
-        """A new sandbox in a VM from ``factory``, its agent told to start the pod."""
-        sandbox = cls(sandbox_id, factory.get_vm(config, workdir, sandbox_id))
+    def boot(cls, sandbox_id: str, factory, config, workdir: str, hostname: str = "",
+             network=None) -> "Sandbox":
+        """A new sandbox in a VM from ``factory``, its agent told to start the pod, in
+        the pod's ``network`` if it has one (it is the sandbox's from now on)."""
+        try:
+            booted = factory.get_vm(config, workdir, sandbox_id, network)
+        except BaseException:
+            if network is not None:
+                network.detach()
+            raise
+        sandbox = cls(sandbox_id, booted, network)
         try:
             sandbox.agent.call(m.StartPod(hostname=hostname,
                                           share_tag=getattr(sandbox.vm, "share_tag", "")))
+            if network is not None and sandbox.vm.network_in_guest:
+                for msg in network.guest_setup():
+                    sandbox.agent.call(msg)
         except BaseException:
             sandbox.destroy()
             raise
@@ -85,8 +99,9 @@ class Sandbox:
     # ---- containers -----------------------------------------------------------------
 
     def create_container(self, cid: str, bundle: Bundle, io: ProcessIO, host_pid: int = 0,
-                         console_size: Optional[tuple] = None) -> Container:
-        """Create ``cid`` from ``bundle`` with its init held until start_container."""
+                         console_size: Optional[tuple] = None, shared: dict = None) -> Container:
+        """Create ``cid`` from ``bundle`` with its init held until start_container; the
+        namespaces in ``shared`` (type -> container id) are that container's."""
         with self.lock:
             if cid in self.containers:
                 raise AlreadyExists(f"container {cid!r} already exists")
@@ -104,7 +119,7 @@ class Sandbox:
             reply = self.agent.call(m.NewContainer(
                 id=cid, rootfs=rootfs, process=init.spec, readonly=bundle.readonly,
                 hostname=bundle.hostname, mounts=mounts, limits=cgroup_limits(bundle.resources),
-                wait=True, **container_fields(bundle.spec)))
+                wait=True, share=dict(shared or {}), **container_fields(bundle.spec)))
             init.pid = reply.pid
             container.init = init
             container.state.to(states.CREATED, "create")
@@ -223,6 +238,19 @@ class Sandbox:
 
     # ---- the VM ---------------------------------------------------------------------
 
+    def grow(self, cpus: int, memory_mib: int) -> None:
+        """Give the guest more CPUs or memory, up to what the VM was booted with room
+        for (BootConfig.max_*): the agent onlines them (ONLINECPUMEM)."""
+        config = self.booted.config
+        cpus = min(max(cpus, self.cpus), max(config.cpus, config.max_cpus))
+        memory_mib = min(max(memory_mib, self.memory_mib),
+                         max(config.memory_mib, config.max_memory_mib))
+        if (cpus, memory_mib) == (self.cpus, self.memory_mib):
+            return
+        self.agent.call(m.OnlineCpuMem(cpus=cpus, memory_mib=memory_mib))
+        log.info("sandbox %s grew to %d cpus and %d MiB", self.id, cpus, memory_mib)
+        self.cpus, self.memory_mib = cpus, memory_mib
+
     def alive_containers(self) -> list:
         return [c for c in self.containers.values() if c.state.is_(*states.ALIVE)]
 
@@ -254,6 +282,8 @@ class Sandbox:
                 return
             self.destroyed = True
         self.booted.stop()
+        if self.network is not None:
+            self.network.detach()
         self._finish_all(VM_DIED_STATUS)
         for container in list(self.containers.values()):
             share.unbind(container.mounts)

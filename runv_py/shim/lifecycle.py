@@ -5,6 +5,10 @@ The CLI and the 0.2 daemon both call these. Each call locks the container's stat
 directory, reads its record and talks to its shim (client.py). What a shim cannot do
 because it is gone (it exits with its container) is done here: delete kills what is
 left, runs the poststop hooks and removes the state.
+
+`state`, `kill`, `ps` and `events` start here at every call of the tools that poll them:
+what only some calls need (the shim's protocol and client, hooks, the VM's sizing) is
+imported in the functions that use it.
 """
 import json
 import os
@@ -16,11 +20,6 @@ from ..host import statedir
 from ..hyperstart import states
 from ..hyperstart.errors import FailedPrecondition, InvalidArgument
 from ..oci import bundle as oci
-from ..oci import hooks
-from ..oci.resources import vm_size
-from . import protocol as p
-from .client import ShimClient
-from .params import ShimParams
 from .records import Lock, Record, read
 
 SPAWN_TIMEOUT = float(os.environ.get("RUNV_BOOT_TIMEOUT", "60")) + 30
@@ -38,6 +37,8 @@ def create(root: str, cid: str, bundle_path: str, config: dict, driver: str = ""
     """Start the container's shim (which boots its VM and creates it); returns the
     container's host pid. ``config`` holds BootConfig fields; the bundle's resources
     size the VM."""
+    from ..oci.resources import vm_size
+    from .params import ShimParams
     oci.check_id(cid)
     bundle = oci.load(bundle_path)
     if bundle.terminal and not console_socket and not tty_on_stdio:
@@ -96,13 +97,16 @@ def write_pid_file(path: str, pid: int) -> None:
     os.replace(tmp, path)
 
 
-def _locked_call(root: str, cid: str, req: p.Request) -> dict:
+def _locked_call(root: str, cid: str, req: "p.Request") -> dict:
+    from .client import ShimClient
     record = load(root, cid)
     with Lock(record.path):
         return ShimClient(load(root, cid)).call(req)
 
 
 def start(root: str, cid: str) -> None:
+    from . import protocol as p
+    from .client import ShimClient
     record = load(root, cid)
     with Lock(record.path):
         record = load(root, cid)
@@ -112,6 +116,8 @@ def start(root: str, cid: str) -> None:
 
 
 def kill(root: str, cid: str, sig: int, all_processes: bool = False) -> None:
+    from . import protocol as p
+    from .client import ShimClient
     record = load(root, cid)
     with Lock(record.path):
         record = load(root, cid)
@@ -121,10 +127,12 @@ def kill(root: str, cid: str, sig: int, all_processes: bool = False) -> None:
 
 
 def pause(root: str, cid: str) -> None:
+    from . import protocol as p
     _locked_call(root, cid, p.Pause())
 
 
 def resume(root: str, cid: str) -> None:
+    from . import protocol as p
     _locked_call(root, cid, p.Resume())
 
 
@@ -138,6 +146,7 @@ def kill_shim(record: Record, timeout: float = 5.0) -> None:
 def delete(root: str, cid: str, force: bool = False) -> None:
     """Delete a stopped or created container (any, with ``force``): end its shim, run
     the poststop hooks, remove its state."""
+    from ..oci import hooks
     record = load(root, cid)
     with Lock(record.path):
         record = load(root, cid)
@@ -169,15 +178,20 @@ def bundle_spec(record: Record) -> dict:
 
 
 def processes(root: str, cid: str) -> list:
+    from . import protocol as p
+    from .client import ShimClient
     return ShimClient(load(root, cid)).call(p.Ps())["processes"]
 
 
 def stats(root: str, cid: str) -> dict:
+    from . import protocol as p
+    from .client import ShimClient
     return ShimClient(load(root, cid)).call(p.Stats())["stats"]
 
 
-def request(root: str, cid: str, req: p.Request) -> dict:
+def request(root: str, cid: str, req: "p.Request") -> dict:
     """One more request to a container's shim (signal, close_stdin, winsize, update)."""
+    from .client import ShimClient
     return ShimClient(load(root, cid)).call(req)
 
 
@@ -188,6 +202,8 @@ def exec_process(root: str, cid: str, process: dict, detach: bool, pid_file: str
     ``on_started(reply)`` once it runs, and return its exit status. Detached: fork a
     holder process that lives as long as the process and exits with its status (its
     pid goes to --pid-file), and return 0."""
+    from . import protocol as p
+    from .client import ShimClient
     record = load(root, cid)
     if record.status != states.RUNNING:
         raise FailedPrecondition(f"cannot exec in a container that is {record.status}")
@@ -231,6 +247,7 @@ def forward_winsize(root: str, cid: str, exec_id: str):
     """Send this terminal's size to the process now and at every SIGWINCH; returns
     what undoes it."""
     from ..hyperstart.errors import RunvError
+    from . import protocol as p
     from .terminal import terminal_size
 
     def resize(*_):

@@ -3,12 +3,13 @@
 The shim rewrites the record at every transition; CLI calls read it without waking the
 shim and check that the shim still lives (same pid and start time), so a killed shim
 reads as ``stopped``. A lock file serialises CLI calls on one container.
+
+`runv-py state` and `list` read records at every call of the tools that poll them: what
+only locks or connects (fcntl, socket) is imported where it is used.
 """
 import dataclasses
-import fcntl
 import json
 import os
-import socket
 import time
 from typing import Dict, List, Optional
 
@@ -103,6 +104,7 @@ class Lock:
         self.fd = -1
 
     def __enter__(self):
+        import fcntl
         try:
             self.fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
         except FileNotFoundError:
@@ -123,8 +125,9 @@ class Lock:
             self.fd = -1
 
 
-def connect_unix(path: str, timeout: float = 5.0) -> socket.socket:
+def connect_unix(path: str, timeout: float = 5.0) -> "socket.socket":
     """Connect to a unix socket whatever the length of its path (via an O_PATH fd)."""
+    import socket
     dirfd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

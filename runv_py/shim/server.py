@@ -57,6 +57,7 @@ class ShimServer:
 
     def boot(self) -> None:
         from ..drivers import probe
+        from ..net import network_for
         from ..vm.boot import BootConfig, DirectFactory
         from ..vm.factory import OneShotFactory
         params = self.params
@@ -68,7 +69,8 @@ class ShimServer:
         else:
             factory = DirectFactory(driver)
         self.sandbox = Sandbox.boot(self.cid, factory, BootConfig(**params.config), self.path,
-                                    hostname=self.bundle.hostname)
+                                    hostname=self.bundle.hostname,
+                                    network=network_for(self.bundle.spec))
         self.record.qemu_pid = self.sandbox.vm.pid
         self.sandbox.listeners.append(self.on_exit)
         self.container = self.sandbox.create_container(

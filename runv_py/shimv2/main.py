@@ -67,15 +67,26 @@ def socket_path(address: str, namespace: str, cid: str) -> str:
     return os.path.join(SOCKET_DIR, digest[:32])
 
 
+def sandbox_group(bundle: str, cid: str) -> str:
+    """The sandbox a task belongs to (containerd's CRI annotations), as containerd's runc
+    shim groups them: a pod's containers share its daemon, and its VM."""
+    from .pods import annotations_of, sandbox_of
+    return sandbox_of(annotations_of(bundle)) or cid
+
+
 def start(flags: Flags) -> int:
     bundle = os.getcwd()
-    path = socket_path(flags.get("address"), flags.get("namespace"), flags.get("id"))
+    group = sandbox_group(bundle, flags.get("id"))
+    path = socket_path(flags.get("address"), flags.get("namespace"), group)
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
     address = f"unix://{path}"
-    if can_connect(path):  # a daemon already serves this task: hand out its address
+    if can_connect(path):  # a daemon already serves this task or its pod: its address
         write_address(bundle, address)
         sys.stdout.write(address)
         return 0
+    if group != flags.get("id"):
+        raise RuntimeError(f"the shim of sandbox {group} is not running: a container of a "
+                           "pod runs in its sandbox's VM")
     try:
         os.unlink(path)  # a stale socket of a dead shim of the same task
     except FileNotFoundError:

@@ -27,6 +27,7 @@ from .config import ShimConfig
 from .events import Publisher
 from .pb import shimv2_pb2 as pb
 from .status import ttrpc_error
+from .pods import Pod
 from .tasks import Task
 
 log = logging.getLogger("runv_py.shimv2")
@@ -54,11 +55,15 @@ class TaskService:
         self.factory = factory
         self.events = Publisher(ttrpc_address, namespace)
         self.lock = threading.Lock()
-        self.sandbox: Optional[Sandbox] = None
+        self.pod = Pod(self.workdir, config, factory, self.on_exit)
         self.inits: Dict[str, Task] = {}              # container id -> its init task
         self.execs: Dict[Tuple[str, str], Task] = {}  # (container id, exec id) -> task
         self.deleted = False
         self.shutdown = threading.Event()
+
+    @property
+    def sandbox(self) -> Optional[Sandbox]:
+        return self.pod.sandbox
 
     def handlers(self) -> Dict[Tuple[str, str], Callable[[bytes], bytes]]:
         table = {
@@ -108,14 +113,14 @@ class TaskService:
             if req.checkpoint:
                 raise TtrpcError(UNIMPLEMENTED, "runv-py cannot restore checkpoints")
             mount_rootfs(req.bundle, list(req.rootfs))
-            task = Task(req.id, "", req.stdin, req.stdout, req.stderr, req.terminal)
+            task = Task(req.id, "", req.stdin, req.stdout, req.stderr, req.terminal, req.bundle)
             try:
                 bundle = oci.load(req.bundle)
-                if self.sandbox is None:
-                    self.sandbox = self.boot(req.id, bundle)
                 io = stdio.process_io(req.stdin, req.stdout, req.stderr, req.terminal, task.relays)
-                task.pid = self.sandbox.vm.pid
-                container = self.sandbox.create_container(req.id, bundle, io, host_pid=task.pid)
+                # The task's pid is the VM's: CRI points a pod's containers' namespaces
+                # at the sandbox task's pid, and the VM is what runs them all.
+                container = self.pod.create(req.id, bundle, io, lambda sandbox: sandbox.vm.pid)
+                task.pid = container.host_pid
             except BaseException:
                 task.finished(VM_DIED_STATUS)
                 self.end_sandbox_if_empty()
@@ -131,22 +136,11 @@ class TaskService:
                          terminal=req.terminal)))
         return pb.CreateTaskResponse(pid=task.pid)
 
-    def boot(self, cid: str, bundle: oci.Bundle) -> Sandbox:
-        from ..oci.resources import vm_size
-        from ..vm.boot import BootConfig
-        cpus, memory = vm_size(bundle.resources, self.config.default_cpus,
-                               self.config.default_memory)
-        config = BootConfig(**dict(self.config.boot_config(), cpus=cpus, memory_mib=memory))
-        os.makedirs(self.workdir, exist_ok=True)
-        sandbox = Sandbox.boot(cid, self.factory, config, self.workdir, bundle.hostname)
-        sandbox.listeners.append(self.on_exit)
-        return sandbox
-
     def on_exit(self, container: Container, proc: Process) -> None:
         """A process of the sandbox ended (its output has drained)."""
         if proc is container.init:
             if container.id == self.sandbox.id:  # the sandbox's own container: its VM goes
-                threading.Thread(target=self.sandbox.destroy, name="end-vm", daemon=True).start()
+                threading.Thread(target=self.pod.end, name="end-vm", daemon=True).start()
             task = self.inits.get(container.id)
             if task is None or not task.finished(proc.exit.status, proc.exit.at):
                 return
@@ -188,7 +182,7 @@ class TaskService:
             status = self.sandbox.container(req.id).state.status
             status = states.RUNNING if status == states.STOPPED else status  # being reaped
         response = pb.StateResponse(
-            id=req.exec_id or req.id, bundle=self.bundle, pid=task.pid, status=STATUS[status],
+            id=req.exec_id or req.id, bundle=task.bundle, pid=task.pid, status=STATUS[status],
             stdin=task.stdin, stdout=task.stdout, stderr=task.stderr, terminal=task.terminal,
             exit_status=task.exit_status, exec_id=req.exec_id)
         timestamp(response.exited_at, task.exited_at)
@@ -218,13 +212,13 @@ class TaskService:
         else:
             if not task.done.is_set() and task.state.is_(states.RUNNING, states.PAUSED):
                 raise FailedPrecondition(f"container {req.id} is still running")
-            self.sandbox.remove_container(req.id)  # a created one is killed; poststop runs
+            self.pod.remove(req.id)  # a created one is killed; poststop runs
             task.finished(VM_DIED_STATUS)
             with self.lock:
                 del self.inits[req.id]
                 for key in [k for k in self.execs if k[0] == req.id]:
                     del self.execs[key]
-            syscalls.unmount_below(os.path.join(self.bundle, "rootfs"))
+            syscalls.unmount_below(os.path.join(task.bundle, "rootfs"))
             self.end_sandbox_if_empty()
         response = pb.DeleteResponse(pid=task.pid, exit_status=task.exit_status)
         timestamp(response.exited_at, task.exited_at)
@@ -237,9 +231,8 @@ class TaskService:
     def end_sandbox_if_empty(self) -> None:
         if self.inits or self.sandbox is None and not os.path.exists(self.workdir):
             return
-        if self.sandbox is not None:
-            self.sandbox.destroy()
-            self.sandbox = None
+        self.pod.end()
+        self.pod.sandbox = None
         self.deleted = True
         statedir.remove(self.workdir)
         try:
@@ -262,7 +255,7 @@ class TaskService:
             if (req.id, req.exec_id) in self.execs:
                 raise AlreadyExists(f"process {req.exec_id} already exists")
             self.execs[(req.id, req.exec_id)] = Task(req.id, req.exec_id, req.stdin, req.stdout,
-                                                     req.stderr, req.terminal, spec)
+                                                     req.stderr, req.terminal, init.bundle, spec)
         self.events.publish("/tasks/exec-added",
                             pb.TaskExecAdded(container_id=req.id, exec_id=req.exec_id))
         return pb.Empty()
@@ -360,8 +353,7 @@ class TaskService:
 
     def stop_serving(self) -> None:
         time.sleep(0.1)  # let the Shutdown answer go out first
-        if self.sandbox is not None:
-            self.sandbox.destroy()
+        self.pod.end()
         try:
             path = self.listener.getsockname()
             self.listener.shutdown(socket.SHUT_RDWR)

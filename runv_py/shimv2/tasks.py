@@ -12,8 +12,9 @@ from ..sandbox import Process
 
 class Task:
     def __init__(self, cid: str, exec_id: str, stdin: str, stdout: str, stderr: str,
-                 terminal: bool, spec: Optional[dict] = None):
+                 terminal: bool, bundle: str = "", spec: Optional[dict] = None):
         self.cid = cid
+        self.bundle = bundle
         self.exec_id = exec_id
         self.stdin, self.stdout, self.stderr, self.terminal = stdin, stdout, stderr, terminal
         self.spec = spec or {}    # an exec's OCI process

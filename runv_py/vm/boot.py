@@ -21,12 +21,20 @@ class BootConfig:
     initrd: str = paths.INITRD
     debug: bool = False
     extra_cmdline: tuple = ()
+    max_cpus: int = 0            # room to grow (0: none): the VM has this many, offline
+    max_memory_mib: int = 0      # likewise, memory the guest adds when told
 
     def __post_init__(self):
         if self.cpus < 1 or self.cpus > 16:
             raise InvalidArgument(f"cpus must be between 1 and 16, not {self.cpus}")
         if self.memory_mib < 64:
             raise InvalidArgument(f"memory must be at least 64 MiB, not {self.memory_mib}")
+        if self.max_cpus > 16:
+            raise InvalidArgument(f"a VM has at most 16 cpus, not {self.max_cpus}")
+
+    @property
+    def grows(self) -> bool:
+        return self.max_cpus > self.cpus or self.max_memory_mib > self.memory_mib
 
 
 class BootedVM:
@@ -78,9 +86,9 @@ class DirectFactory:
     def close(self) -> None:
         pass
 
-    def get_vm(self, config: BootConfig, workdir: str, name: str) -> BootedVM:
+    def get_vm(self, config: BootConfig, workdir: str, name: str, network=None) -> BootedVM:
         share = os.path.join(workdir, "share")
         os.makedirs(share, exist_ok=True)
-        vm = self.driver.launch(config, os.path.join(workdir, "vm"), name, share)
+        vm = self.driver.launch(config, os.path.join(workdir, "vm"), name, share, network=network)
         agent = connect_agent(vm, BOOT_TIMEOUT)
         return BootedVM(vm, agent, share, config)

@@ -123,8 +123,9 @@ class CacheFactory:
                 self.lock.wait(left)
             return True
 
-    def get_vm(self, config: BootConfig, workdir: str, name: str) -> BootedVM:
-        why = _exceeds(self.config, config)
+    def get_vm(self, config: BootConfig, workdir: str, name: str, network=None) -> BootedVM:
+        why = "it joins a pod's network" if network is not None else \
+            "it may grow" if config.grows else _exceeds(self.config, config)
         booted = None
         if not why:
             deadline = time.monotonic() + BOOT_TIMEOUT
@@ -143,7 +144,7 @@ class CacheFactory:
             why = "" if booted else "the cache is empty"
         if booted is None:
             log.info("%s not from the cache: %s", name, why)
-            return self.base.get_vm(config, workdir, name)
+            return self.base.get_vm(config, workdir, name, network)
         booted.origin = "cache"
         try:
             # Like a clone, a cached VM gets the container's name as its hostname.
@@ -201,13 +202,13 @@ class MultiFactory:
         self.factories = factories
         self.fallback = fallback
 
-    def get_vm(self, config: BootConfig, workdir: str, name: str) -> BootedVM:
+    def get_vm(self, config: BootConfig, workdir: str, name: str, network=None) -> BootedVM:
         for factory, limits in self.factories:
             if not _exceeds(limits, config):
-                return factory.get_vm(config, workdir, name)
+                return factory.get_vm(config, workdir, name, network)
         log.info("cold boot for %s: no factory in the policy has %d cpus and %d MiB",
                  name, config.cpus, config.memory_mib)
-        return self.fallback.get_vm(config, workdir, name)
+        return self.fallback.get_vm(config, workdir, name, network)
 
     def close(self) -> None:
         for factory, _ in self.factories:
@@ -281,14 +282,14 @@ def make_factory(driver, policy=None, template_dir: str = "", base_config: BootC
 
 
 def boot_one(driver, config: BootConfig, workdir: str, name: str, policy=None,
-             template_dir: str = "") -> BootedVM:
+             template_dir: str = "", network=None) -> BootedVM:
     """One VM from the factory a policy describes, the factory closed afterwards (the
     one-container-per-process CLI). A cache's VMs live in ``workdir`` and carry ``name``:
     whatever happens to this process, they go with the container's state."""
     factory = make_factory(driver, policy, template_dir, config, cache_dir=workdir,
                            cache_name=name)
     try:
-        return factory.get_vm(config, workdir, name)
+        return factory.get_vm(config, workdir, name, network)
     finally:
         factory.close()
 
@@ -304,8 +305,9 @@ class OneShotFactory:
         self.policy = factory_policy
         self.template_dir = template_dir
 
-    def get_vm(self, config: BootConfig, workdir: str, name: str) -> BootedVM:
-        return boot_one(self.driver, config, workdir, name, self.policy, self.template_dir)
+    def get_vm(self, config: BootConfig, workdir: str, name: str, network=None) -> BootedVM:
+        return boot_one(self.driver, config, workdir, name, self.policy, self.template_dir,
+                        network)
 
     def close(self) -> None:
         pass

@@ -245,11 +245,13 @@ class TemplateFactory:
                     raise
         self.meta = load(self.template_dir)
 
-    def get_vm(self, config: BootConfig, workdir: str, name: str) -> BootedVM:
-        why = fits(self.meta, config)
+    def get_vm(self, config: BootConfig, workdir: str, name: str, network=None) -> BootedVM:
+        # A clone's devices are the template's: it has no NIC for a pod's network.
+        why = "it joins a pod's network" if network is not None else \
+            "it may grow (a clone has the template's size)" if config.grows else fits(self.meta, config)
         if why:
             log.info("cold boot for %s, not the template: %s", name, why)
-            return self.direct.get_vm(config, workdir, name)
+            return self.direct.get_vm(config, workdir, name, network)
         share = os.path.join(workdir, "share")
         os.makedirs(share, exist_ok=True)
         vm, agent, used = clone(self.driver, self.meta, self.template_dir, config,

@@ -1,0 +1,80 @@
+"""The guest's network: what SETUPINTERFACE and SETUPROUTE ask for, done with busybox's
+`ip` (in the initrd), and the loopback brought up at boot with one ioctl."""
+import fcntl
+import os
+import struct
+
+import _socket as socket
+
+from .errors import Internal, NotFound
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+BUSYBOX = "/bin/busybox"
+
+
+def loopback_up() -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+    finally:
+        sock.close()
+
+
+def ip(*args: str) -> None:
+    """Run busybox's `ip` and wait for it; its failure becomes an error with its words."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(write_end, 2)
+            os.execv(BUSYBOX, ["ip", *args])
+        finally:
+            os._exit(127)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 4096):
+        chunks.append(chunk)
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise Internal(f"ip {' '.join(args)}: {b''.join(chunks).decode(errors='replace').strip()}")
+
+
+def device_by_mac(mac: str) -> str:
+    base = "/sys/class/net"
+    for name in sorted(os.listdir(base)):
+        try:
+            with open(os.path.join(base, name, "address")) as f:
+                if f.read().strip().lower() == mac.lower():
+                    return name
+        except OSError:
+            continue
+    raise NotFound(f"no network device with MAC {mac}")
+
+
+def setup_interface(msg) -> None:
+    name = device_by_mac(msg.device)
+    if name != msg.new_device_name:
+        ip("link", "set", "dev", name, "down")
+        ip("link", "set", "dev", name, "name", msg.new_device_name)
+        name = msg.new_device_name
+    ip("link", "set", "dev", name, "mtu", str(msg.mtu))
+    for address in msg.ip_addresses:
+        ip("addr", "add", f"{address.ip_address}/{address.net_mask}", "dev", name)
+    ip("link", "set", "dev", name, "up")
+
+
+def setup_routes(msg) -> None:
+    """Routes without a gateway first: a gateway must be reachable when its route is
+    added, or the kernel says "Network unreachable"."""
+    for route in sorted(msg.routes, key=lambda r: bool(r.gateway)):
+        args = ["route", "add", route.dest or "default"]
+        if route.gateway:
+            args += ["via", route.gateway]
+        if route.device:
+            args += ["dev", route.device]
+        ip(*args)

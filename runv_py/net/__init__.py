@@ -1,0 +1,20 @@
+"""Pod networking: the network namespace a caller made (CNI, podman, docker), carried
+into the VM through taps and tc redirections (pod.py)."""
+from typing import Optional
+
+from ..hyperstart.errors import InvalidArgument
+
+
+def network_for(spec: dict) -> Optional["PodNetwork"]:  # noqa: F821
+    """The pod network a sandbox's spec asks for: None for a network of the VM's own
+    (a network namespace without a path); host networking is refused."""
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    entries = [n for n in namespaces if n.get("type") == "network"]
+    if not entries:
+        raise InvalidArgument("host networking is not supported: a VM has a network stack of "
+                              "its own (give the container a network namespace)")
+    path = entries[0].get("path")
+    if not path:
+        return None
+    from .pod import PodNetwork
+    return PodNetwork.discover(path)

@@ -1,0 +1,69 @@
+"""Working inside a network namespace named by a path (/var/run/netns/cni-..., or a
+/proc/PID/ns/net): iproute2's commands run there through nsenter, and a thread can step
+in for the system calls that must be made there (opening a tap)."""
+import ctypes
+import json
+import os
+import subprocess
+import threading
+from typing import Callable, List
+
+from ..hyperstart.errors import Internal, InvalidArgument
+
+CLONE_NEWNET = 0x40000000
+COMMAND_TIMEOUT = 30
+
+
+def same_namespace(path: str, other: str = "/proc/self/ns/net") -> bool:
+    a, b = os.stat(path), os.stat(other)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def check_pod_namespace(path: str) -> None:
+    """A network namespace a pod may have: one that exists and is not the host's."""
+    if not os.path.exists(path):
+        raise InvalidArgument(f"network namespace {path} does not exist")
+    if same_namespace(path):  # ours: the host's (the runtime runs in the host's)
+        raise InvalidArgument(f"network namespace {path} is the host's: host networking is not "
+                              "supported (a VM has a network stack of its own)")
+
+
+def run(netns: str, *args: str, json_out: bool = False):
+    """Run an iproute2 command (``ip``, ``tc``) in ``netns``; its JSON output if asked."""
+    cmd = ["nsenter", f"--net={netns}", *args[:1], *(["-j"] if json_out else []), *args[1:]]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise Internal(f"{' '.join(args)} in {netns}: {e}") from None
+    if result.returncode != 0:
+        raise Internal(f"{' '.join(args)} in {netns}: {result.stderr.strip()}")
+    return json.loads(result.stdout or "[]") if json_out else result.stdout
+
+
+def inside(netns: str, fn: Callable):
+    """``fn()`` run by a thread that has entered ``netns`` (network namespaces are per
+    thread); its result or exception comes back."""
+    box: List = []
+
+    def body():
+        libc = ctypes.CDLL(None, use_errno=True)
+        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+            box.append((True, fn()))
+        except BaseException as e:  # handed back to the caller
+            box.append((False, e))
+        finally:
+            os.close(target)
+            # The thread ends here: its namespace goes with it, not with the process.
+    thread = threading.Thread(target=body, name="netns", daemon=True)
+    thread.start()
+    thread.join(COMMAND_TIMEOUT)
+    if not box:
+        raise Internal(f"entering {netns} did not finish")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value

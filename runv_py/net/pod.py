@@ -1,0 +1,138 @@
+"""A pod's network, from the network namespace the caller made (CNI for CRI and podman,
+docker's libnetwork, or any path in config.json), carried into the VM as runV and Kata
+do ("tcfilter"):
+
+- read the namespace's interfaces (name, MAC, MTU, IPv4 addresses) and routes;
+- for each interface create a tap in that namespace (TUNSETIFF, VNET_HDR|NO_PI) with the
+  same MTU, and redirect everything between the veth and the tap, both ways, with an
+  ingress qdisc and a u32 match-all filter whose action is mirred egress redirect;
+- give QEMU the tap's fd as a virtio-net device with the veth's MAC; the agent gives
+  the guest NIC the veth's name, addresses and MTU, then the routes (link routes first).
+
+The veth keeps its address: the guest answers for it. The taps close with QEMU; detach()
+removes the qdiscs (and with them the filters).
+"""
+import dataclasses
+import fcntl
+import logging
+import os
+import struct
+from typing import List
+
+from ..hyperstart import messages as m
+from .netns import check_pod_namespace, inside, run
+
+log = logging.getLogger("runv_py.net")
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TAP_PREFIX = "tap0_"
+
+
+@dataclasses.dataclass
+class Interface:
+    name: str
+    mac: str
+    mtu: int
+    addresses: List[tuple]       # (address, prefix length)
+    tap: str = ""
+    fd: int = -1
+
+
+@dataclasses.dataclass
+class Nic:
+    """What QEMU gets for one interface: the tap's fd and the MAC to give the guest."""
+    fd: int
+    mac: str
+
+
+class PodNetwork:
+    def __init__(self, netns: str, interfaces: List[Interface], routes: List[m.Route]):
+        self.netns = netns
+        self.interfaces = interfaces
+        self.routes = routes
+        self.attached: List[Interface] = []
+
+    @classmethod
+    def discover(cls, netns: str) -> "PodNetwork":
+        check_pod_namespace(netns)
+        interfaces = []
+        for link in run(netns, "ip", "addr", "show", json_out=True):
+            name = link.get("ifname", "")
+            if link.get("link_type") != "ether" or name.startswith(TAP_PREFIX):
+                continue
+            addrs = [(a["local"], int(a["prefixlen"])) for a in link.get("addr_info", [])
+                     if a.get("family") == "inet"]
+            interfaces.append(Interface(name, link.get("address", ""), int(link.get("mtu", 1500)),
+                                        addrs))
+        names = {i.name for i in interfaces}
+        routes = []
+        for r in run(netns, "ip", "-4", "route", "show", json_out=True):
+            if r.get("protocol") == "kernel" or r.get("dev") not in names:
+                continue  # the guest makes the subnet routes itself, from the addresses
+            routes.append(m.Route(dest=r.get("dst", "default"), gateway=r.get("gateway", ""),
+                                  device=r["dev"]))
+        return cls(netns, interfaces, routes)
+
+    def attach(self) -> List[Nic]:
+        """Create the taps and the redirections; returns QEMU's NICs."""
+        nics = []
+        try:
+            for iface in self.interfaces:
+                iface.tap = (TAP_PREFIX + iface.name)[:15]
+                iface.fd = inside(self.netns, lambda name=iface.tap: open_tap(name))
+                self.attached.append(iface)
+                run(self.netns, "ip", "link", "set", "dev", iface.tap, "mtu", str(iface.mtu), "up")
+                for src, dst in ((iface.name, iface.tap), (iface.tap, iface.name)):
+                    run(self.netns, "tc", "qdisc", "add", "dev", src, "ingress")
+                    run(self.netns, "tc", "filter", "add", "dev", src, "parent", "ffff:",
+                        "protocol", "all", "u32", "match", "u8", "0", "0", "action", "mirred",
+                        "egress", "redirect", "dev", dst)
+                nics.append(Nic(iface.fd, iface.mac))
+        except BaseException:
+            self.detach()
+            raise
+        return nics
+
+    def guest_setup(self) -> list:
+        """The agent's messages that make the guest's network this one."""
+        msgs = [m.SetupInterface(device=i.mac, new_device_name=i.name, mtu=i.mtu,
+                                 ip_addresses=[m.IpAddress(ip_address=a, net_mask=str(p))
+                                               for a, p in i.addresses])
+                for i in self.interfaces]
+        return msgs + [m.SetupRoute(routes=self.routes)]
+
+    def detach(self) -> None:
+        """Undo attach (safe to call twice): the veths' qdiscs go; the taps go with their
+        last fd (QEMU's and ours)."""
+        while self.attached:
+            iface = self.attached.pop()
+            try:
+                run(self.netns, "tc", "qdisc", "del", "dev", iface.name, "ingress")
+            except Exception as e:  # the namespace may be gone already (CNI DEL)
+                log.info("removing the redirection from %s: %s", iface.name, e)
+            if iface.fd >= 0:
+                os.close(iface.fd)
+                iface.fd = -1
+
+    def close_fds(self) -> None:
+        """QEMU holds the taps now: our copies can go."""
+        for iface in self.attached:
+            if iface.fd >= 0:
+                os.close(iface.fd)
+                iface.fd = -1
+
+
+def open_tap(name: str) -> int:
+    """A tap device ``name`` in this thread's network namespace, as a file descriptor
+    (it exists as long as the fd, or a copy of it, is open)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
+                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

@@ -1,0 +1,161 @@
+"""Kubernetes pods as containerd's CRI plugin describes them in the specs' annotations:
+which container is the sandbox (the pause container), which sandbox a container joins,
+how big the pod is. One VM per pod: the sandbox container boots it, with room to grow
+as the pod's containers come (ONLINECPUMEM)."""
+import json
+import math
+import os
+import threading
+from typing import Optional
+
+from ..hyperstart.errors import FailedPrecondition
+from ..oci.resources import VM_MEMORY_OVERHEAD_MIB, vm_size
+
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
+SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+# How much a pod's VM may grow past its size at boot.
+GROW_MEMORY_MIB = 1024
+MAX_CPUS = 16
+
+
+def annotations_of(bundle: str) -> dict:
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            return json.load(f).get("annotations") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def sandbox_of(annotations: dict) -> str:
+    """The sandbox id a pod's app container joins ('' for a sandbox, or no pod)."""
+    if annotations.get(CONTAINER_TYPE) == "container":
+        return annotations.get(SANDBOX_ID, "")
+    return ""
+
+
+def sandbox_size(spec: dict, annotations: dict, cpus: int, memory_mib: int) -> dict:
+    """BootConfig fields for a pod's VM: the pod's resources (CRI's sandbox annotations)
+    if kubelet gave them, else the sandbox container's; plus room to grow for a pod."""
+    resources = (spec.get("linux") or {}).get("resources") or {}
+    pod = {}
+    if int(annotations.get(SANDBOX_MEMORY, 0) or 0) > 0:
+        pod["memory"] = {"limit": int(annotations[SANDBOX_MEMORY])}
+    if int(annotations.get(SANDBOX_CPU_QUOTA, 0) or 0) > 0:
+        pod["cpu"] = {"quota": int(annotations[SANDBOX_CPU_QUOTA]),
+                      "period": int(annotations.get(SANDBOX_CPU_PERIOD) or 100000)}
+    cpus, memory_mib = vm_size(pod or resources, cpus, memory_mib)
+    if annotations.get(CONTAINER_TYPE) != "sandbox":
+        return {"cpus": cpus, "memory_mib": memory_mib}
+    return {"cpus": cpus, "memory_mib": memory_mib,
+            "max_cpus": max(cpus, min(MAX_CPUS, os.cpu_count() or 1)),
+            "max_memory_mib": memory_mib + GROW_MEMORY_MIB}
+
+
+def needs(resources: dict) -> tuple:
+    """(cpus, MiB) one container's limits ask of the VM (0 where it sets none)."""
+    memory = (resources.get("memory") or {}).get("limit") or 0
+    cpu = resources.get("cpu") or {}
+    quota = cpu.get("quota") or 0
+    cpus = math.ceil(quota / (cpu.get("period") or 100000)) if quota > 0 else 0
+    return cpus, math.ceil(memory / (1 << 20)) if memory > 0 else 0
+
+
+def shared_namespaces(spec: dict) -> dict:
+    """The namespaces an app container joins: those its spec gives a path (CRI points
+    them at the sandbox's pid); the network is the VM's anyway."""
+    shared = {}
+    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+        kind = {"ipc": "ipc", "uts": "uts", "pid": "pid"}.get(ns.get("type"))
+        if kind and ns.get("path"):
+            shared[kind] = True
+    return shared
+
+
+def cgroups_path(spec: dict) -> Optional[str]:
+    return (spec.get("linux") or {}).get("cgroupsPath") or None
+
+
+class Pod:
+    """The shim v2's VM: booted for the first (sandbox) container, in its host cgroup
+    and its network, sized for the pod; a pod's other containers join it, and it grows
+    for their limits. One daemon, one Pod, one VM."""
+
+    def __init__(self, workdir: str, config, factory, on_exit):
+        self.workdir = workdir
+        self.config = config          # shimv2.config.ShimConfig
+        self.factory = factory
+        self.on_exit = on_exit
+        self.sandbox = None
+        self.cgroup = None            # the sandbox's host cgroup (cgroupsPath)
+        self.left_cgroups = []        # where this daemon was before joining it
+        self.needs = {}               # container id -> (cpus, MiB) of its limits
+        self.lock = threading.Lock()
+
+    def create(self, cid: str, bundle, io, host_pid_of) -> "Container":  # noqa: F821
+        """Create ``cid`` in the pod's VM (booting it for the sandbox container)."""
+        joins = sandbox_of(bundle.annotations)
+        if self.sandbox is None:
+            if joins:
+                raise FailedPrecondition(f"sandbox {joins} of container {cid} is not running")
+            self.sandbox = self.boot(cid, bundle)
+        elif joins != self.sandbox.id:
+            raise FailedPrecondition(f"container {cid} is not in pod {self.sandbox.id}")
+        self.needs[cid] = needs(bundle.resources)
+        self.grow()
+        shared = {kind: self.sandbox.id for kind in shared_namespaces(bundle.spec)} if joins else {}
+        return self.sandbox.create_container(cid, bundle, io, host_pid=host_pid_of(self.sandbox),
+                                             shared=shared)
+
+    def boot(self, cid: str, bundle):
+        from ..net import network_for
+        from ..sandbox import Sandbox
+        from ..vm.boot import BootConfig
+        size = sandbox_size(bundle.spec, bundle.annotations, self.config.default_cpus,
+                            self.config.default_memory)
+        config = BootConfig(**dict(self.config.boot_config(), **size))
+        self.join_host_cgroup(bundle, config.max_memory_mib or config.memory_mib)
+        os.makedirs(self.workdir, exist_ok=True)
+        sandbox = Sandbox.boot(cid, self.factory, config, self.workdir, bundle.hostname,
+                               network=network_for(bundle.spec))
+        sandbox.listeners.append(self.on_exit)
+        return sandbox
+
+    def grow(self) -> None:
+        """The VM as big as its containers' limits together (plus the guest's own)."""
+        cpus = max([1] + [c for c, _ in self.needs.values()])
+        memory = sum(mib for _, mib in self.needs.values()) + VM_MEMORY_OVERHEAD_MIB
+        if cpus > self.sandbox.cpus or memory > self.sandbox.memory_mib:
+            self.sandbox.grow(cpus, memory)
+
+    def remove(self, cid: str) -> None:
+        self.needs.pop(cid, None)
+        if self.sandbox is not None:
+            self.sandbox.remove_container(cid)
+
+    def join_host_cgroup(self, bundle, vm_memory_mib: int) -> None:
+        """The pod's host cgroup (the sandbox's cgroupsPath) holds this daemon and so the
+        VM; its limits are the pod's plus the VM's overhead."""
+        path = cgroups_path(bundle.spec)
+        if not path:
+            return
+        from ..host.cgroups import HostCgroup, limits_for
+        self.cgroup = HostCgroup.for_path(path)
+        with open("/proc/self/cgroup") as f:
+            self.left_cgroups = f.read().splitlines()
+        self.cgroup.create(**limits_for(bundle.resources, vm_memory_mib))
+        self.cgroup.join(0)
+
+    def end(self) -> None:
+        """Stop the VM; leave the host cgroup (back where this daemon was) and remove it.
+        Safe to call twice, and from two threads (the sandbox's exit, a Delete)."""
+        with self.lock:
+            sandbox, cgroup, self.cgroup = self.sandbox, self.cgroup, None
+        if sandbox is not None:
+            sandbox.destroy()
+        if cgroup is not None:
+            from ..host.cgroups import HostCgroup
+            HostCgroup.rejoin(self.left_cgroups)
+            cgroup.remove()
