@@ -78,3 +78,13 @@ def docker_archive(path: str, work: str, tag: str, cmd=("sh",)) -> str:
         _add(tar, f"{layer_dir}/layer.tar", layer)
         _add(tar, "manifest.json", manifest)
     return path
+
+
+PAUSE_ENTRYPOINT = ("/bin/sleep", "2147483647")
+
+
+def pause_archive(path: str, work: str, name: str) -> str:
+    """An OCI image layout tar holding ``name``, a pod sandbox ("pause") image for
+    containerd's CRI plugin (its sandbox_image): the busybox rootfs whose entrypoint
+    sleeps forever. CRI ends it with SIGKILL, so it needs no signal handling."""
+    return oci_archive(path, work, name, cmd=(), entrypoint=PAUSE_ENTRYPOINT)

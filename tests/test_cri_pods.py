@@ -1,0 +1,130 @@
+"""Kubernetes pods in VMs: containerd's CRI plugin with the runvpy handler
+(io.containerd.runvpy.v2), driven over CRI v1 as kubelet drives it. One VM per pod: the
+sandbox (pause) container boots it in the pod's network namespace, the pod's containers
+join it. Traffic goes only to loopback inside the pod and from this process to the pod's
+address in the harness's private subnet."""
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from conftest import qemu_pids
+from cri import api_pb2 as pb
+from cri.harness import CriContainerd, ExecSyncTimeout, RUNVPY_HANDLER, cri_log_text
+from test_cri import MISSING, _try_get, wait_for
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300),
+              pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+
+
+@pytest.fixture
+def cri():
+    containerd = CriContainerd()
+    containerd.start()
+    containerd.client.rpc_timeout = 120
+    try:
+        yield containerd
+    finally:
+        logs = containerd.log_tail()
+        forced = containerd.stop()
+        assert not forced, f"clean-up had to force: {forced}\n{logs}"
+
+
+def vm_of(pod: str) -> list:
+    return qemu_pids(pod)
+
+
+def tc_and_taps(cri, pod: str) -> str:
+    """What runv-py adds to the pod's network namespace, while it exists."""
+    netns = [n["path"] for n in cri.client.pod_info(pod)["runtimeSpec"]["linux"]["namespaces"]
+             if n["type"] == "network"][0]
+    if not os.path.exists(netns):
+        return ""
+    links = subprocess.run(["nsenter", f"--net={netns}", "ip", "-o", "link"],
+                           capture_output=True, text=True, timeout=30).stdout
+    qdiscs = subprocess.run(["nsenter", f"--net={netns}", "tc", "qdisc", "show"],
+                            capture_output=True, text=True, timeout=30).stdout
+    return "".join(line for line in (links + qdiscs).splitlines(True)
+                   if "tap0_" in line or "ingress" in line)
+
+
+def test_a_pod_is_one_vm_with_the_pods_network(cri, tmp_path):
+    client = cri.client
+    logs = tmp_path / "logs"
+    page = f"hello from a VM pod {uuid.uuid4().hex[:8]}"
+    pod = client.run_pod("vmweb", hostname="vmweb-host", log_dir=str(logs),
+                         handler=RUNVPY_HANDLER)
+    ip = client.pod_ip(pod)
+    [vm] = vm_of(pod)
+    assert "tap0_eth0" in tc_and_taps(cri, pod)
+    web = client.run_container(pod, "web", cri.BUSYBOX, ["sh", "-c"], [
+        f"mkdir -p /www && echo '{page}' > /www/index.html && exec httpd -f -p 80 -h /www"])
+    fetch = client.run_container(pod, "fetch", cri.BUSYBOX, ["sh", "-c"], [
+        "for i in $(seq 1 100); do wget -qO- http://localhost:80/ && exit 0; sleep 0.2; done;"
+        " echo never got it >&2; exit 1"])
+    assert vm_of(pod) == [vm], "a pod's containers share its VM"
+    status = client.wait_container(fetch, pb.CONTAINER_EXITED, timeout=90)
+    log = logs / "fetch" / "0.log"
+    assert status.exit_code == 0, log.read_text()
+    assert cri_log_text(str(log)) == page + "\n"      # containerd wrote the CRI log
+    # The guest's eth0 has the pod's address, and the guest kernel is the VM's own.
+    code, out, _ = client.exec_sync(web, ["sh", "-c", "ip -o -4 addr show eth0; uname -r"])
+    assert code == 0 and f"inet {ip}/" in out.decode(), out
+    assert out.decode().split()[-1] != os.uname().release
+    # The pod's containers share its UTS namespace (the pod's hostname), as kubelet asks.
+    assert client.exec_sync(web, ["hostname"])[1] == b"vmweb-host\n"
+    assert wait_for(lambda: _try_get(f"http://{ip}/"), timeout=60, what="the page") == page + "\n"
+    # The shim and QEMU live in the pod's host cgroup.
+    cgroup = client.pod_info(pod)["runtimeSpec"]["linux"]["cgroupsPath"]
+    with open(f"/proc/{vm}/cgroup") as f:
+        assert f":memory:{cgroup}\n" in f.read()
+    client.stop_pod(pod)
+    assert not vm_of(pod), "stopping the pod ends its VM"
+    client.remove_pod(pod)
+    assert cri.leaks(pod, web, fetch) == []
+    assert not os.path.exists(f"/sys/fs/cgroup/memory{cgroup}")
+
+
+def test_exec_sync_stop_stats_and_growing(cri, tmp_path):
+    client = cri.client
+    pod = client.run_pod("vmexec", log_dir=str(tmp_path / "logs"), handler=RUNVPY_HANDLER)
+    cid = client.run_container(pod, "c", cri.BUSYBOX, ["sleep", "600"], env={"A": "b"},
+                               working_dir="/tmp")
+    client.wait_container(cid, pb.CONTAINER_RUNNING)
+    assert client.exec_sync(cid, ["sh", "-c", 'echo "$A in $(pwd)"; echo err >&2; exit 3']) == \
+        (3, b"b in /tmp\n", b"err\n")
+    started = time.monotonic()
+    with pytest.raises(ExecSyncTimeout):
+        client.exec_sync(cid, ["sleep", "30"], timeout=2)
+    assert time.monotonic() - started < 15
+    code, out, _ = client.exec_sync(cid, ["ps", "-o", "args"])
+    assert code == 0 and b"sleep 30" not in out, out     # the timed-out process is gone
+
+    # A second container with limits: the VM grows to hold them (ONLINECPUMEM).
+    big = client.run_container(pod, "big", cri.BUSYBOX, ["sleep", "600"],
+                               resources={"cpu_period": 100000, "cpu_quota": 200000,
+                                          "memory_limit_in_bytes": 512 << 20})
+    code, out, _ = client.exec_sync(big, ["sh", "-c", "nproc; cat /sys/fs/cgroup/memory.max;"
+                                                      " grep MemTotal /proc/meminfo"])
+    nproc, limit, memtotal = out.decode().split("\n")[:3]
+    assert code == 0 and int(nproc) == min(2, os.cpu_count()) and limit == str(512 << 20)
+    assert int(memtotal.split()[1]) > 512 * 1024, memtotal
+
+    stats = wait_for(lambda: _stats(client, cid), what="stats")
+    assert stats.memory.working_set_bytes.value > 0
+
+    started = time.monotonic()
+    client.stop_container(cid, timeout=2)           # sleep as PID 1 ignores SIGTERM
+    assert time.monotonic() - started < 15
+    status = client.container_status(cid)
+    assert (status.state, status.exit_code) == (pb.CONTAINER_EXITED, 137)
+    client.stop_pod(pod)
+    client.remove_pod(pod)
+    assert not vm_of(pod) and cri.leaks(pod, cid, big) == []
+
+
+def _stats(client, cid):
+    stats = client.container_stats(cid)
+    return stats if stats.cpu.usage_core_nano_seconds.value > 0 else None

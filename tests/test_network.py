@@ -1,0 +1,149 @@
+"""Pod networking through the OCI CLI: a network namespace the test makes (a "pod" with a
+veth whose other end is in a "test host" namespace, also the test's), named in
+config.json; and podman's default network (CNI). Traffic goes only between the pod and
+the test's own namespaces and containers."""
+import json
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from conftest import qemu_pids
+from test_clients import podman, run_args  # noqa: F401  (the podman fixture)
+from test_run import driver, out, runv  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]
+
+
+def sh(*args: str) -> str:
+    r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, (args, r.stderr)
+    return r.stdout
+
+
+@pytest.fixture
+def netns(tmp_path):
+    """A pod namespace (eth0 10.92.N.2/24, default route via .1) wired to a test-host
+    namespace (10.92.N.1/24) serving HTTP on :8080; removed afterwards."""
+    tag = uuid.uuid4().hex[:6]
+    pod, host = f"rvpod-{tag}", f"rvhost-{tag}"
+    net = f"10.92.{int(tag[:2], 16)}"
+    sh("ip", "netns", "add", pod)
+    sh("ip", "netns", "add", host)
+    server = None
+    try:
+        sh("ip", "link", "add", f"vp{tag}", "type", "veth", "peer", "name", f"vh{tag}")
+        sh("ip", "link", "set", f"vp{tag}", "netns", pod)
+        sh("ip", "link", "set", f"vh{tag}", "netns", host)
+        sh("ip", "-n", pod, "link", "set", f"vp{tag}", "name", "eth0")
+        for ns, dev, addr in ((pod, "eth0", f"{net}.2/24"), (host, f"vh{tag}", f"{net}.1/24")):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", pod, "route", "add", "default", "via", f"{net}.1")
+        www = tmp_path / "www"
+        www.mkdir()
+        (www / "index.html").write_text("hello from the test host\n")
+        server = subprocess.Popen(["ip", "netns", "exec", host, "busybox", "httpd", "-f", "-p",
+                                   f"{net}.1:8080", "-h", str(www)])
+        yield {"pod": pod, "host": host, "path": f"/var/run/netns/{pod}", "net": net,
+               "veth": "eth0"}
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait(10)
+        subprocess.run(["ip", "netns", "del", pod], timeout=30)
+        subprocess.run(["ip", "netns", "del", host], timeout=30)
+
+
+def in_netns(bundle_path: str, path: str) -> str:
+    config = os.path.join(bundle_path, "config.json")
+    spec = json.load(open(config))
+    for ns in spec["linux"]["namespaces"]:
+        if ns["type"] == "network":
+            ns["path"] = path
+    json.dump(spec, open(config, "w"))
+    return bundle_path
+
+
+def test_a_netns_path_is_the_containers_network(runv, bundle, netns):
+    b = in_netns(bundle(["sh", "-c", "ip -4 addr show eth0; ip route;"
+                                     f" wget -qO- http://{netns['net']}.1:8080/"]), netns["path"])
+    r = runv("run", "-b", b, runv.id())
+    assert r.returncode == 0, r.stderr
+    assert f"inet {netns['net']}.2/24" in out(r) and f"default via {netns['net']}.1" in out(r)
+    assert "hello from the test host" in out(r)
+    # Nothing of it stays in the namespace: no tap, no redirection on the veth.
+    links = sh("ip", "-n", netns["pod"], "-o", "link")
+    assert "tap0_" not in links
+    assert "ingress" not in sh("ip", "netns", "exec", netns["pod"], "tc", "qdisc", "show")
+
+
+def test_the_test_host_reaches_a_server_in_the_container(runv, bundle, netns):
+    cid = runv.id()
+    b = in_netns(bundle(["sh", "-c", "mkdir -p /tmp/www; echo from-the-container >"
+                                     " /tmp/www/index.html; exec httpd -f -p 80 -h /tmp/www"]),
+                 netns["path"])
+    runv.detached("run", "-d", "-b", b, cid)
+    deadline = time.monotonic() + 30
+    got = ""
+    while "from-the-container" not in got and time.monotonic() < deadline:
+        got = subprocess.run(["ip", "netns", "exec", netns["host"], "busybox", "wget", "-qO-",
+                              "-T", "2", f"http://{netns['net']}.2/"],
+                             capture_output=True, text=True, timeout=30).stdout
+        time.sleep(0.2)
+    assert "from-the-container" in got
+    runv("delete", "-f", cid, check=True)
+    assert "ingress" not in sh("ip", "netns", "exec", netns["pod"], "tc", "qdisc", "show")
+
+
+def test_host_networking_is_refused_and_changes_nothing(runv, bundle):
+    b = bundle(["true"])
+    config = os.path.join(b, "config.json")
+    spec = json.load(open(config))
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "network"]
+    json.dump(spec, open(config, "w"))
+    r = runv("run", "-b", b, runv.id())
+    assert r.returncode != 0 and b"host networking is not supported" in r.stderr
+    r = runv("run", "-b", in_netns(bundle(["true"]), "/proc/self/ns/net"), runv.id("h"))
+    assert r.returncode != 0 and b"is the host's" in r.stderr
+
+
+@pytest.fixture
+def podman_network(podman, tmp_path):
+    """podman's default network (named "podman") from a private CNI config: a bridge and
+    a subnet of the test's own, no masquerade, no firewall rules."""
+    if not os.path.exists("/usr/lib/cni/bridge"):
+        pytest.skip("CNI plugins are not installed (apt-get install containernetworking-plugins)")
+    tag = uuid.uuid4().hex[:5]
+    bridge = f"rvpod{tag}"
+    conf = tmp_path / "net"
+    conf.mkdir()
+    (conf / "podman.conflist").write_text(json.dumps({
+        "cniVersion": "0.4.0", "name": "podman", "plugins": [{
+            "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+            "ipam": {"type": "host-local", "dataDir": str(tmp_path / "ipam"),
+                     "routes": [{"dst": "0.0.0.0/0"}],
+                     "ranges": [[{"subnet": "10.93.0.0/24", "gateway": "10.93.0.1"}]]}}]}))
+    base = podman.base
+    podman.base = base[:1] + ["--network-config-dir", str(conf)] + base[1:]
+    yield podman
+    podman.base = base
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
+
+
+def test_podman_default_network_reaches_another_container(podman_network):
+    p = podman_network
+    web = p.started("run", "-d", p.image, "sh", "-c", "mkdir /www; echo served-by-web >"
+                                                      " /www/index.html; exec httpd -f -p 80 -h /www")
+    ip = p("inspect", "-f", "{{.NetworkSettings.IPAddress}}", web, check=True).stdout.decode().strip()
+    assert ip.startswith("10.93.0.")
+    r = p("run", "--rm", p.image, "sh", "-c",
+          f"ip -4 addr show eth0; for i in 1 2 3 4 5; do wget -qO- -T 2 http://{ip}/ && break;"
+          " sleep 1; done", check=True)
+    assert "inet 10.93.0." in r.stdout.decode() and "served-by-web" in r.stdout.decode()
+    p("rm", "-f", "-t", "0", web, check=True)
+    assert not qemu_pids(web)
+
