@@ -91,18 +91,139 @@ def test_probe_missing_qemu(monkeypatch, tmp_path):
         probe("qemu-tcg")
 
 
-def test_cli_start_up_imports_no_heavy_modules(tmp_path):
-    """`state`, `list` and friends must not pay for grpc, protobuf, QMP or asyncio."""
+HOT_COMMANDS = [["state", "nope"], ["list"], ["kill", "nope"], ["kill", "-a", "nope", "KILL"],
+                ["ps", "nope"], ["events", "--stats", "nope"]]
+
+
+@pytest.mark.parametrize("args", HOT_COMMANDS, ids=" ".join)
+def test_cli_start_up_imports_no_heavy_modules(tmp_path, args):
+    """`state`, `list`, `kill`, `ps` and `events` must not pay for grpc, protobuf, QMP or
+    asyncio, nor for click: tools call them in loops (their fast path: cli/fast.py)."""
     import subprocess
     import sys
     code = ("import sys, runpy\n"
-            "sys.argv = ['runv-py', '--root', sys.argv[1], 'list']\n"
+            "sys.argv = ['runv-py', '--root'] + sys.argv[1:]\n"
             "try:\n    runpy.run_module('runv_py.cli', run_name='__main__')\n"
-            "except SystemExit:\n    pass\n"
-            "heavy = [m for m in ('grpc', 'google.protobuf', 'qemu.qmp', 'asyncio', 'matplotlib')"
-            " if m in sys.modules]\n"
+            "except SystemExit as e:\n    print('EXIT:%s' % e.code)\n"
+            "heavy = [m for m in ('grpc', 'google.protobuf', 'qemu.qmp', 'asyncio', 'matplotlib',"
+            " 'click') if m in sys.modules]\n"
             "print('HEAVY:' + ','.join(heavy))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), *args], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "HEAVY:"
+    assert out.stdout.strip().splitlines()[-2:] == ["EXIT:0" if args == ["list"] else "EXIT:1",
+                                                   "HEAVY:"]
+    if args != ["list"]:
+        assert out.stderr == "runv-py: container 'nope' does not exist\n"
+
+
+def stopped_container_root(tmp_path) -> str:
+    """A state root holding c1, whose record says running but whose shim is gone."""
+    from runv_py.shim.records import Record
+    root = tmp_path / "root"
+    (root / "c1").mkdir(parents=True)
+    Record(id="c1", status="running", pid=1 << 22, bundle="/b", rootfs="/b/rootfs",
+           created="2024-01-01T00:00:00Z", shim_pid=1 << 22, shim_start="1",
+           path=str(root / "c1")).write()
+    return str(root)
+
+
+FAST_PATH_CASES = [
+    "--root ROOT state c1", "--root=ROOT state c1", "--root ROOT state nope",
+    "--root ROOT state ../x", "--root ROOT state -- c1", "--root ROOT --debug state c1",
+    "--root ROOT --log-format json --default-cpus 2 --systemd-cgroup state c1",
+    "--root ROOT list", "--root ROOT list -q", "--root ROOT list --format json",
+    "--root ROOT list --format=json", "--root ROOT-missing list -f json",
+    "--root ROOT kill c1", "--root ROOT kill -a c1 KILL", "--root ROOT kill c1 NOPE",
+    "--root ROOT kill --all nope 9", "--root ROOT ps c1", "--root ROOT ps -f json c1 -- -ef",
+    "--root ROOT events c1", "--root ROOT events --stats --interval=1s c1",
+]
+DECLINED_CASES = [
+    "", "--help", "--version", "--root ROOT state", "--root ROOT state c1 c2", "state -h",
+    "--root ROOT list -fjson", "--root ROOT list -f yaml", "--root ROOT list extra",
+    "--root ROOT kill c1 -9", "--bogus state c1", "--default-cpus 99 state c1",
+    "--default-cpus x state c1", "--log-format yaml state c1", "--systemd-cgroup=1 state c1",
+    "-- state c1", "--root", "--root ROOT nosuchcommand", "--root ROOT spec",
+]
+
+
+@pytest.mark.parametrize("line", FAST_PATH_CASES)
+def test_cli_fast_path_prints_and_exits_as_click(tmp_path, capsys, line):
+    """The click-free path (cli/fast.py) and the click CLI give the same output, errors
+    and exit status."""
+    from runv_py.cli import app, fast
+    root = stopped_container_root(tmp_path)
+    argv = [a.replace("ROOT", root) for a in line.split()]
+    assert fast.parse(argv) is not None
+    results = []
+    for run in (lambda: fast.dispatch(argv), lambda: app.cli(argv, prog_name="runv-py")):
+        with pytest.raises(SystemExit) as exit:
+            run()
+        captured = capsys.readouterr()
+        results.append((exit.value.code, captured.out, captured.err))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("line", DECLINED_CASES)
+def test_cli_fast_path_leaves_the_rest_to_click(line):
+    from runv_py.cli import fast
+    assert fast.parse(line.split()) is None
+
+
+def test_cli_fast_path_knows_the_click_parameters():
+    """fast.py's tables are the click group's and the five commands' parameters."""
+    import click
+
+    from runv_py.cli import app, fast
+
+    def kind(param):
+        if param.is_flag:
+            return "flag"
+        if isinstance(param.type, click.Choice):
+            return tuple(param.type.choices)
+        if isinstance(param.type, click.IntRange):
+            return range(param.type.min, param.type.max + 1)
+        assert param.type == click.STRING, param
+        return "str"
+
+    def options(command):
+        return {opt: (p.name, kind(p)) for p in command.params
+                if isinstance(p, click.Option) and p.name != "version" for opt in p.opts}
+
+    assert options(app.cli) == fast.GLOBAL_OPTIONS
+    group = {p.name: p for p in app.cli.params}
+    assert fast.GLOBAL_ENV == {n: p.envvar for n, p in group.items() if p.envvar}
+    assert fast.global_defaults() == {n: group[n].default for n in fast.global_defaults()}
+    for name, (table, (names, required, variadic)) in fast.COMMANDS.items():
+        command = app.cli.commands[name]
+        assert options(command) == table, name
+        arguments = [p for p in command.params if isinstance(p, click.Argument)]
+        assert tuple(a.name for a in arguments) == names, name
+        assert sum(a.required for a in arguments) == required, name
+        assert bool(arguments) and arguments[-1].nargs == -1 or not variadic, name
+        defaults = {p.name: p.default for p in command.params
+                    if not p.required and p.nargs != -1}
+        assert {k: v for k, v in fast.COMMAND_DEFAULTS.get(name, {}).items()
+                if k in defaults} == defaults, name
+
+
+def test_cli_launcher_without_site(tmp_path):
+    """runv_py/cli/launch.py under `python3 -S`: runv_py found from the launcher's place,
+    the fast path without site; anything else after site.main(), through click."""
+    import os
+    import subprocess
+    import sys
+    launch = os.path.join(os.path.dirname(oci.__file__), "..", "cli", "launch.py")
+    root = stopped_container_root(tmp_path)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-S", launch, "--root", root, *args],
+                              capture_output=True, text=True, timeout=60)
+    state = run("state", "c1")
+    assert state.returncode == 0 and json.loads(state.stdout)["status"] == "stopped"
+    missing = run("state", "nope")
+    assert (missing.returncode, missing.stderr) == (1, "runv-py: container 'nope' does not exist\n")
+    usage = run("state")
+    assert usage.returncode == 2 and usage.stderr.startswith("Usage: runv-py state")
+    from runv_py import __version__
+    assert run("--version").stdout == f"runv-py, version {__version__}\n"

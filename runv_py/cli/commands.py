@@ -1,13 +1,14 @@
 """runc's commands: create, start, run, state, kill, delete, list, ps, exec, pause,
 resume, spec; and runv-py's probe, containerd and make-bundle. Each imports what it
-uses when it runs."""
+uses when it runs. The bodies of state, kill, list and ps are hot.py's, which the fast
+path (fast.py) runs too."""
 import json
 import os
 import sys
 
 import click
 
-from . import runtime_errors
+from . import hot, runtime_errors
 from .manage import factory_settings
 
 
@@ -95,8 +96,7 @@ def start(opts, container_id):
 @runtime_errors
 def state(opts, container_id):
     """Print the container's state as JSON (runc's format)."""
-    from ..shim import lifecycle
-    click.echo(json.dumps(lifecycle.load(opts.root, container_id).oci_state(), indent=2))
+    hot.state(opts, container_id)
 
 
 @click.command()
@@ -107,9 +107,7 @@ def state(opts, container_id):
 @runtime_errors
 def kill(opts, all_processes, container_id, signal):
     """Send a signal (name or number, default SIGTERM) to the container."""
-    from ..oci.bundle import parse_signal
-    from ..shim import lifecycle
-    lifecycle.kill(opts.root, container_id, parse_signal(signal), all_processes)
+    hot.kill(opts, all_processes, container_id, signal)
 
 
 @click.command()
@@ -129,26 +127,7 @@ def delete(opts, force, container_id):
 @click.pass_obj
 def list_containers(opts, quiet, fmt):
     """List containers."""
-    from ..hyperstart.errors import NotFound
-    from ..shim import records
-    states = []
-    for cid in records.list_ids(opts.root):
-        try:
-            states.append(records.read(opts.root, cid).oci_state())
-        except NotFound:
-            continue
-    if quiet:
-        for s in states:
-            click.echo(s["id"])
-    elif fmt == "json":
-        click.echo(json.dumps(states))
-    else:
-        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
-        rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"])
-                 for s in states]
-        widths = [max(len(row[i]) for row in rows) for i in range(6)]
-        for row in rows:
-            click.echo("   ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    hot.list_containers(opts, quiet, fmt)
 
 
 @click.command()
@@ -159,15 +138,7 @@ def list_containers(opts, quiet, fmt):
 @runtime_errors
 def ps(opts, fmt, container_id, ps_args):
     """List the processes in a container (pids as seen in its VM)."""
-    from ..shim import lifecycle
-    procs = lifecycle.processes(opts.root, container_id)
-    if fmt == "json":
-        click.echo(json.dumps([p["pid"] for p in procs]))
-        return
-    click.echo(f"{'UID':<8} {'PID':>6} {'PPID':>6} {'STAT':<4} {'RSS':>8}  CMD")
-    for p in procs:
-        click.echo(f"{p['uid']:<8} {p['pid']:>6} {p['ppid']:>6} {p['state']:<4} "
-                   f"{p['rssKb']:>8}  {p['cmd']}")
+    hot.ps(opts, fmt, container_id, ps_args)
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

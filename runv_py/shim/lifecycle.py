@@ -116,13 +116,13 @@ def start(root: str, cid: str) -> None:
 
 
 def kill(root: str, cid: str, sig: int, all_processes: bool = False) -> None:
-    from . import protocol as p
-    from .client import ShimClient
     record = load(root, cid)
     with Lock(record.path):
         record = load(root, cid)
         if record.status == states.STOPPED:
             raise FailedPrecondition(f"container {cid} is not running")
+        from . import protocol as p
+        from .client import ShimClient
         ShimClient(record).call(p.Kill(signal=sig, all=all_processes))
 
 
