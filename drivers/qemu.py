@@ -14,7 +14,7 @@ import subprocess
 import time
 
 from ..hyperstart import syscalls
-from . import DriverError
+from . import DriverError, virtiofs
 
 log = logging.getLogger("runv_py.drivers.qemu")
 
@@ -95,10 +95,16 @@ class QemuDriver:
                "-device", "virtserialport,chardev=stream,name=sh.hyper.channel.1",
                "-object", "rng-random,id=rng0,filename=/dev/urandom",
                "-device", "virtio-rng-device,rng=rng0",
-               "-fsdev", f"local,id=share,path={share_dir},security_model=passthrough,"
-                         "multidevs=remap",
-               "-device", f"virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}",
                "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off"]
+        if config.share == "virtiofs" and not memory_file:
+            args, memory_option = virtiofs.qemu_args(
+                SHARE_TAG, max(config.memory_mib, config.max_memory_mib))
+            cmd += args
+            machine += memory_option
+        else:
+            cmd += ["-fsdev", f"local,id=share,path={share_dir},security_model=passthrough,"
+                              "multidevs=remap",
+                    "-device", f"virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}"]
         if memory_file:
             # Guest RAM in a file: shared by a template, a private copy-on-write map for a clone.
             cmd += ["-object", f"memory-backend-file,id=mem0,size={config.memory_mib}M,"
@@ -126,6 +132,11 @@ class QemuDriver:
                 os.unlink(os.path.join(workdir, stale))
             except FileNotFoundError:
                 pass
+        share = "virtiofs" if config.share == "virtiofs" and not memory_file else "9p"
+        if share != config.share:
+            log.info("%s shares over 9p, not virtio-fs: its RAM is a template's file, and "
+                     "vhost-user cannot serve a clone's private copy of it", name)
+        vfsd = virtiofs.start(os.path.abspath(share_dir), workdir) if share == "virtiofs" else None
         nics = network.attach() if network is not None else []
         cmd = self.command(config, name, os.path.abspath(share_dir), memory_file,
                            shared_memory, incoming, nics)
@@ -136,6 +147,8 @@ class QemuDriver:
                                         stdout=qlog, stderr=qlog, preexec_fn=_die_with_parent,
                                         start_new_session=True, pass_fds=[n.fd for n in nics])
             except OSError as e:
+                if vfsd is not None:
+                    virtiofs.stop(vfsd)
                 raise DriverError(f"cannot start {self.qemu}: {e}") from None
             finally:
                 if network is not None:
@@ -143,20 +156,23 @@ class QemuDriver:
         if incoming:
             # A clone is driven over QMP at once: load the client while QEMU starts.
             import qemu.qmp.legacy  # noqa: F401
-        return QemuVM(self, proc, workdir)
+        return QemuVM(self, proc, workdir, share, vfsd)
 
 
 class QemuVM:
     """A running QEMU process and the files through which it is reached."""
 
-    share_tag = SHARE_TAG     # the guest mounts the sandbox's share with this 9p tag
+    share_tag = SHARE_TAG     # the guest mounts the sandbox's share with this tag
     network_in_guest = True   # a pod's network is configured by the agent, in the guest
 
-    def __init__(self, driver: QemuDriver, process: subprocess.Popen, workdir: str):
+    def __init__(self, driver: QemuDriver, process: subprocess.Popen, workdir: str,
+                 share_kind: str = "9p", virtiofsd: subprocess.Popen = None):
         self.driver = driver
         self.process = process
         self.pid = process.pid
         self.workdir = workdir
+        self.share_kind = share_kind  # "9p" or "virtiofs"
+        self.virtiofsd = virtiofsd
         self._dirfd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
         self._qmp = None
 
@@ -303,6 +319,8 @@ class QemuVM:
             if self.wait(timeout) is None:
                 self.process.kill()
                 self.wait(timeout)
+        if self.virtiofsd is not None:
+            virtiofs.stop(self.virtiofsd)
         self.close()
 
     def close(self) -> None:

@@ -59,7 +59,7 @@ class Commands:
         if msg.hostname:
             self.platform.set_hostname(msg.hostname)
         if msg.share_tag:
-            self.platform.mount_share(msg.share_tag)
+            self.platform.mount_share(msg.share_tag, msg.share_kind)
         return None
 
     def destroy_pod(self, msg: m.DestroyPod) -> None:

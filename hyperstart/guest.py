@@ -31,12 +31,15 @@ class GuestPlatform:
     def set_hostname(self, name: str) -> None:
         sc.sethostname(name)
 
-    def mount_share(self, tag: str) -> None:
+    def mount_share(self, tag: str, kind: str = "9p") -> None:
         if self.share_mounted:
             return
         os.makedirs(SHARE_DIR, exist_ok=True)
-        sc.mount(tag, SHARE_DIR, "9p", 0,
-                 "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client")
+        if kind == "virtiofs":
+            sc.mount(tag, SHARE_DIR, "virtiofs", 0, None)
+        else:
+            sc.mount(tag, SHARE_DIR, "9p", 0,
+                     "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client")
         self.share_mounted = True
 
     def reseed(self, data: bytes) -> None:

@@ -41,7 +41,7 @@ class HostPlatform:
     def set_hostname(self, name: str) -> None:
         sc.sethostname(name)  # our own UTS namespace
 
-    def mount_share(self, tag: str) -> None:
+    def mount_share(self, tag: str, kind: str = "") -> None:
         pass
 
     def reseed(self, data: bytes) -> None:

@@ -170,7 +170,8 @@ class Ping:
 @message(code=p.STARTPOD)
 class StartPod:
     hostname: str = ""
-    share_tag: str = ""      # mount the sandbox's 9p share with this tag
+    share_tag: str = ""      # mount the sandbox's share with this tag
+    share_kind: str = "9p"   # 9p or virtiofs
 
 
 @message(code=p.DESTROYPOD)

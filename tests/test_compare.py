@@ -43,7 +43,8 @@ def report(tmp_path_factory, template):
     base = tmp_path_factory.mktemp("compare")
     bundle = make_bundle(str(base / "bundle"), ["true"])
     out = base / "out"
-    cmd = cli(*template, "compare", "-b", bundle, "--runs", "2", "--out", str(out))
+    cmd = cli(*template, "compare", "-b", bundle, "--runs", "2", "--tree-files", "500",
+              "--tar-mb", "8", "--out", str(out))
     try:
         r = subprocess.run(cmd, capture_output=True, timeout=600)
     finally:
@@ -60,7 +61,7 @@ def report(tmp_path_factory, template):
 
 
 def expected_runtimes(template: list) -> set:
-    names = {"runv-py vm", "runv-py namespace"}
+    names = {"runv-py vm (9p)", "runv-py vm (virtiofs)", "runv-py namespace"}
     if shutil.which("runc"):
         names.add("runc")
     if template:
@@ -111,7 +112,7 @@ def test_html_holds_table_chart_and_probes(report):
 @pytest.mark.timeout(900)
 def test_probes_show_guest_kernel_under_vm_and_host_kernel_under_namespace(report):
     _, results, _ = report
-    vm = results["runtimes"]["runv-py vm"]["probes"]
+    vm = results["runtimes"]["runv-py vm (9p)"]["probes"]
     if "runv-py vm (template)" in results["runtimes"]:
         assert results["runtimes"]["runv-py vm (template)"]["probes"]["kernel"] == vm["kernel"]
     ns = results["runtimes"]["runv-py namespace"]["probes"]
@@ -132,10 +133,10 @@ def test_probes_show_guest_kernel_under_vm_and_host_kernel_under_namespace(repor
 
 def test_work_script_marks_parse_to_seconds():
     from runv_py.compare.measure import CompareError, parse_marks
-    text = "".join(f"@{i}\n    time.tv_sec:  100\n    time.tv_usec: {i * 1000}\n" for i in range(7))
-    assert parse_marks(text) == pytest.approx([100 + i / 1000 for i in range(7)])
+    text = "".join(f"@{i}\n    time.tv_sec:  100\n    time.tv_usec: {i * 1000}\n" for i in range(9))
+    assert parse_marks(text) == pytest.approx([100 + i / 1000 for i in range(9)])
     with pytest.raises(CompareError):
-        parse_marks(text.split("@6")[0])
+        parse_marks(text.split("@8")[0])
 
 
 def test_probes_are_judged_against_the_host():

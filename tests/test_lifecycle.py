@@ -16,6 +16,20 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
 PR_SET_CHILD_SUBREAPER = 36
 
 
+@pytest.fixture(params=["9p", "virtiofs"])
+def runv(runv, request):
+    """Every scenario with the rootfs shared over 9p and over virtio-fs."""
+    base = runv.args
+    runv.args = lambda *args: base("--share", request.param, *args)
+    runv.share = request.param
+    return runv
+
+
+def virtiofsd_pids(cid: str) -> list:
+    out = subprocess.run(["pgrep", "-f", f"virtiofsd.*{cid}"], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
 @pytest.fixture
 def subreaper():
     """Make this test process a child subreaper, as containerd-shim is: the container's
@@ -179,11 +193,12 @@ def test_kill_9_of_the_shim_leaves_no_qemu(runv, bundle):
     cid = runv.id()
     runv.detached("run", "-d", "-b", bundle(["sleep", "600"]), cid)
     assert qemu_pids(runv.tag)
+    assert bool(virtiofsd_pids(cid)) == (getattr(runv, "share", "") == "virtiofs")
     os.kill(runv.state(cid)["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while qemu_pids(runv.tag) and time.monotonic() < deadline:
+    while (qemu_pids(runv.tag) or virtiofsd_pids(cid)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not qemu_pids(runv.tag)
+    assert not qemu_pids(runv.tag) and not virtiofsd_pids(cid)
     assert runv.state(cid)["status"] == "stopped"
     runv("delete", cid, check=True)
 

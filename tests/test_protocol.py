@@ -49,8 +49,9 @@ def test_every_message_survives_the_wire(msg):
 
 
 def test_replies_and_the_wire_format_are_hyperstarts():
-    frame = m.encode(m.StartPod(hostname="h", share_tag="t"))
-    assert json.loads(frame[8:]) == {"hostname": "h", "shareTag": "t"}  # camelCase keys
+    frame = m.encode(m.StartPod(hostname="h", share_tag="t", share_kind="virtiofs"))
+    assert json.loads(frame[8:]) == {"hostname": "h", "shareTag": "t",  # camelCase keys
+                                     "shareKind": "virtiofs"}
     assert m.encode(m.Ping()) == p.encode_control(p.PING)                # empty payload
     reply = m.ProcessListReply(processes=[m.ProcessInfo(pid=1, ppid=0, state="S", uid=0,
                                                         rss_kb=12, cmd="sh", nspid=1)])

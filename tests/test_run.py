@@ -13,9 +13,11 @@ import pytest
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]
 
 
-@pytest.fixture(params=["", "namespace"], ids=["qemu-tcg", "namespace"])
-def driver(request) -> str:
-    """'' is the default driver (QEMU, TCG on this host); 'namespace' runs no VM."""
+@pytest.fixture(params=[("", "9p"), ("", "virtiofs"), ("namespace", "")],
+                ids=["qemu-9p", "qemu-virtiofs", "namespace"])
+def driver(request) -> tuple:
+    """('', share) is the default driver (QEMU, TCG on this host) with the rootfs shared
+    over 9p or virtio-fs; 'namespace' runs no VM."""
     return request.param
 
 
@@ -35,9 +37,11 @@ def namespace_leftovers(tag: str) -> list:
 def runv(runv, driver):
     """The conftest runner, with ``--driver`` set; also checks the namespace driver's
     agents and cgroups are gone afterwards."""
+    name, share = driver
+    flags = (["--driver", name] if name else []) + (["--share", share] if share else [])
     base = runv.args
-    runv.args = lambda *args: base(*(["--driver", driver] if driver else []), *args)
-    runv.driver = driver
+    runv.args = lambda *args: base(*flags, *args)
+    runv.driver = name
     yield runv
     deadline = time.monotonic() + 5
     while namespace_leftovers(runv.tag) and time.monotonic() < deadline:

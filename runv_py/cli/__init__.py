@@ -25,16 +25,17 @@ class Options:
     def boot_config(self, cpus=None, memory=None) -> dict:
         """A BootConfig's fields (a plain dict: the dataclass lives with the VMs)."""
         return {"cpus": cpus or self.default_cpus, "memory_mib": memory or self.default_memory,
-                "kernel": self.kernel, "initrd": self.initrd, "debug": self.debug}
+                "kernel": self.kernel, "initrd": self.initrd, "debug": self.debug,
+                "share": self.share}
 
 
 def make_options(kernel, initrd, driver, default_cpus, default_memory, root, debug, log_file,
-                 log_format) -> Options:
+                 log_format, share="9p") -> Options:
     """The global flags' values as the commands see them (after logging is set up)."""
     return Options(kernel=kernel, initrd=initrd, driver=driver, default_cpus=default_cpus,
                    default_memory=default_memory, root=root, debug=debug,
                    log_file=os.path.abspath(log_file) if log_file else "",
-                   log_format=log_format)
+                   log_format=log_format, share=share)
 
 
 def setup_logging(debug: bool, log_file: str, log_format: str) -> None:

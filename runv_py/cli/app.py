@@ -40,17 +40,20 @@ class LazyGroup(click.Group):
 @click.option("--debug", is_flag=True, help="Verbose logging and guest kernel messages.")
 @click.option("--log", "log_file", default="", help="Log to this file instead of stderr.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option("--share", type=click.Choice(["9p", "virtiofs"]), default=paths.DEFAULT_SHARE,
+              show_default=True, envvar="RUNV_SHARE",
+              help="How the rootfs and bind mounts reach the guest (a template's clones: 9p).")
 @click.option("--systemd-cgroup", is_flag=True, expose_value=False,
               help="Accepted for runc compatibility: a slice:prefix:name cgroupsPath is "
                    "always read as systemd's form.")
 @factory_options
 @click.pass_context
 def main(ctx, kernel, initrd, driver, default_cpus, default_memory, root, debug, log_file,
-         log_format):
+         log_format, share):
     """runv-py: run OCI containers, each in its own virtual machine."""
     setup_logging(debug, log_file, log_format)
     ctx.obj = make_options(kernel, initrd, driver, default_cpus, default_memory, root, debug,
-                           log_file, log_format)
+                           log_file, log_format, share)
 
 
 cli = main

@@ -24,21 +24,21 @@ GLOBAL_OPTIONS = {
     "--default-cpus": ("default_cpus", range(1, 16 + 1)),
     "--default-memory": ("default_memory", range(64, 65536 + 1)),
     "--root": ("root", "str"), "--debug": ("debug", "flag"), "--log": ("log_file", "str"),
-    "--log-format": ("log_format", ("text", "json")),
+    "--log-format": ("log_format", ("text", "json")), "--share": ("share", ("9p", "virtiofs")),
     "--systemd-cgroup": ("systemd_cgroup", "flag"),
     "--template": ("template", "str"), "--factory-policy": ("factory_policy", "str"),
 }
 # Their environment variables, and defaults (from runv_py.paths where app.py takes them).
 GLOBAL_ENV = {"kernel": "RUNV_KERNEL", "initrd": "RUNV_INITRD", "driver": "RUNV_DRIVER",
               "root": "RUNV_ROOT", "template": "RUNV_TEMPLATE",
-              "factory_policy": "RUNV_FACTORY_POLICY"}
+              "factory_policy": "RUNV_FACTORY_POLICY", "share": "RUNV_SHARE"}
 
 
 def global_defaults() -> dict:
     from .. import paths
     return {"kernel": paths.KERNEL, "initrd": paths.INITRD, "driver": "", "default_cpus": 1,
             "default_memory": 256, "root": paths.STATE_ROOT, "debug": False, "log_file": "",
-            "log_format": "text"}
+            "log_format": "text", "share": paths.DEFAULT_SHARE}
 
 
 FORMAT = ("fmt", ("table", "json"))

@@ -36,6 +36,8 @@ MEASURES = {
     "small_file_ops": ("small-file create+delete", "ops/s", "higher"),
     "cpu_loop_s": ("CPU loop (100k shell iterations)", "s", "lower"),
     "syscall_kops": ("syscall loop (read+write of 1 byte)", "k syscalls/s", "higher"),
+    "find_tree_s": ("`find` over a tree of files", "s", "lower"),
+    "tar_x_mbps": ("`tar x` of an archive", "MB/s", "higher"),
 }
 
 SEQ_MB = 64
@@ -43,21 +45,37 @@ SMALL_FILES = 2000
 CPU_ITERATIONS = 100000
 SYSCALL_BYTES = 200000
 
-# Each "@N" line is followed by adjtimex's report, which holds time.tv_sec/tv_usec.
-WORK_SCRIPT = f"""
-d=/.runv-compare-io; rm -rf $d; mkdir -p $d/small || exit 1
-echo @0; adjtimex; dd if=/dev/zero of=$d/seq bs=1048576 count={SEQ_MB} conv=fsync 2>/dev/null || exit 2
+TREE_FILES = 10000
+TAR_MB = 50
+MARKS = 9
+
+# Each "@N" line is followed by adjtimex's report, which holds time.tv_sec/tv_usec. The
+# tree to walk and the archive to unpack are made first, untimed.
+WORK_SCRIPT = """
+d=/.runv-compare-io; rm -rf $d; mkdir -p $d/small $d/tree $d/src || exit 1
+cd $d/tree || exit 1; i=0; while [ $i -lt 100 ]; do mkdir d$i; cd d$i;
+  seq 1 {per_dir} | xargs touch || exit 1; cd ..; i=$((i+1)); done; cd /
+i=0; while [ $i -lt {tar_mb} ]; do dd if=/dev/zero of=$d/src/f$i bs=1048576 count=1 2>/dev/null;
+  i=$((i+1)); done; tar cf $d/data.tar -C $d src && rm -rf $d/src || exit 1
+echo @0; adjtimex; dd if=/dev/zero of=$d/seq bs=1048576 count={seq_mb} conv=fsync 2>/dev/null || exit 2
 echo @1; adjtimex; dd if=$d/seq of=/dev/null bs=1048576 2>/dev/null || exit 3
-echo @2; adjtimex; cd $d/small && seq 1 {SMALL_FILES} | xargs touch && cd / && rm -rf $d/small || exit 4
-echo @3; adjtimex; rm -rf $d
-echo @4; adjtimex; i=0; while [ $i -lt {CPU_ITERATIONS} ]; do i=$((i+1)); done
-echo @5; adjtimex; dd if=/dev/zero of=/dev/null bs=1 count={SYSCALL_BYTES} 2>/dev/null
-echo @6; adjtimex
+echo @2; adjtimex; cd $d/small && seq 1 {small} | xargs touch && cd / && rm -rf $d/small || exit 4
+echo @3; adjtimex; rm -f $d/seq
+echo @4; adjtimex; i=0; while [ $i -lt {cpu} ]; do i=$((i+1)); done
+echo @5; adjtimex; dd if=/dev/zero of=/dev/null bs=1 count={syscall} 2>/dev/null
+echo @6; adjtimex; find $d/tree -type f | wc -l > /dev/null || exit 5
+echo @7; adjtimex; mkdir $d/x && tar xf $d/data.tar -C $d/x && sync || exit 6
+echo @8; adjtimex; rm -rf $d
 """
 
 
-def parse_marks(text: str) -> list:
-    """The times of the work script's marks @0..@6, in seconds."""
+def work_script(tree_files: int = TREE_FILES, tar_mb: int = TAR_MB) -> str:
+    return WORK_SCRIPT.format(per_dir=max(1, tree_files // 100), tar_mb=tar_mb, seq_mb=SEQ_MB,
+                              small=SMALL_FILES, cpu=CPU_ITERATIONS, syscall=SYSCALL_BYTES)
+
+
+def parse_marks(text: str, count: int = MARKS) -> list:
+    """The times of the work script's marks @0..@(count-1), in seconds."""
     marks, current, sec = {}, None, 0
     for line in text.splitlines():
         line = line.strip()
@@ -67,9 +85,9 @@ def parse_marks(text: str) -> list:
             sec = int(line.split(":")[1])
         elif "time.tv_usec:" in line and current is not None:
             marks[current] = sec + int(line.split(":")[1]) / 1e6
-    if sorted(marks) != list(range(7)):
+    if sorted(marks) != list(range(count)):
         raise CompareError(f"the workload script's timings are incomplete: {sorted(marks)}")
-    return [marks[i] for i in range(7)]
+    return [marks[i] for i in range(count)]
 
 PROBE_SCRIPT = r"""
 echo "kernel=$(uname -r)"
@@ -190,7 +208,8 @@ class Progress:
 
 
 def measure_runtime(rt: Runtime, bundle: str, work: str, runs: int, reps: int, tag: str,
-                    probe_env: dict, progress: Progress, out: dict) -> None:
+                    probe_env: dict, progress: Progress, out: dict,
+                    tree_files: int = TREE_FILES, tar_mb: int = TAR_MB) -> None:
     """Fill ``out`` measure by measure: what was measured before a failure is kept."""
     work = os.path.join(work, re.sub(r"[^a-z0-9]+", "-", rt.name))
     true_b = derived_bundle(bundle, os.path.join(work, "true"), ["true"])
@@ -234,9 +253,9 @@ def measure_runtime(rt: Runtime, bundle: str, work: str, runs: int, reps: int, t
         reap_orphans()
     # 4.-6. file I/O, CPU and syscalls, timed inside the container.
     work_b = derived_bundle(bundle, os.path.join(work, "work"),
-                            ["sh", "-c", WORK_SCRIPT], writable=True)
+                            ["sh", "-c", work_script(tree_files, tar_mb)], writable=True)
     rows = {k: [] for k in ("seq_write_mbps", "seq_read_mbps", "small_file_ops", "cpu_loop_s",
-                            "syscall_kops")}
+                            "syscall_kops", "find_tree_s", "tar_x_mbps")}
     for i in range(reps):
         r = rt.run(work_b, f"cmp-{tag}-w{i}", timeout=900)
         progress.step(f"{rt.name}: workloads {i + 1}/{reps}")
@@ -244,12 +263,14 @@ def measure_runtime(rt: Runtime, bundle: str, work: str, runs: int, reps: int, t
             raise CompareError(f"{rt.name}: workload script failed ({r.returncode}): "
                                f"{r.stderr.decode(errors='replace').strip()[-300:]}")
         t = parse_marks(r.stdout.decode(errors="replace"))
-        d = [max(t[k + 1] - t[k], 1e-6) for k in range(6)]
+        d = [max(t[k + 1] - t[k], 1e-6) for k in range(MARKS - 1)]
         rows["seq_write_mbps"].append(SEQ_MB / d[0])
         rows["seq_read_mbps"].append(SEQ_MB / d[1])
         rows["small_file_ops"].append(2 * SMALL_FILES / d[2])
         rows["cpu_loop_s"].append(d[4])
         rows["syscall_kops"].append(2 * SYSCALL_BYTES / d[5] / 1000)
+        rows["find_tree_s"].append(d[6])
+        rows["tar_x_mbps"].append(tar_mb / d[7])
     for key, values in rows.items():
         out["measures"][key] = summary(values)
     # 7. isolation probes.
@@ -324,7 +345,8 @@ def judge_probes(probes: dict, host: dict) -> dict:
     }
 
 
-def compare_bundle(opts, bundle: str, runs: int, out_dir: str, template_dir: str = "") -> dict:
+def compare_bundle(opts, bundle: str, runs: int, out_dir: str, template_dir: str = "",
+                   tree_files: int = TREE_FILES, tar_mb: int = TAR_MB) -> dict:
     """Measure every available runtime on ``bundle``; returns the results (also as JSON)."""
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     os.makedirs(out_dir, exist_ok=True)
@@ -333,6 +355,7 @@ def compare_bundle(opts, bundle: str, runs: int, out_dir: str, template_dir: str
     marker = f"runv-compare-{uuid.uuid4().hex[:8]}"
     sentinel = subprocess.Popen([marker, "3600"], executable=shutil.which("sleep"))
     results = {"bundle": os.path.abspath(bundle), "runs": runs, "host": host,
+               "io": {"tree_files": tree_files, "tar_mb": tar_mb},
                "measures": {k: {"label": v[0], "unit": v[1], "better": v[2]}
                             for k, v in MEASURES.items()},
                "runtimes": {}, "skipped": {}}
@@ -345,7 +368,8 @@ def compare_bundle(opts, bundle: str, runs: int, out_dir: str, template_dir: str
             data = {"measures": {}, "probes": {}}
             try:
                 measure_runtime(rt, bundle, work, runs, reps, tag,
-                                {"HOSTPID": sentinel.pid, "MARK": marker}, progress, data)
+                                {"HOSTPID": sentinel.pid, "MARK": marker}, progress, data,
+                                tree_files, tar_mb)
             except (CompareError, subprocess.TimeoutExpired, OSError) as e:
                 data["error"] = str(e)
             data["isolation"] = judge_probes(data.get("probes") or {}, host)

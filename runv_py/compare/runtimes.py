@@ -1,6 +1,6 @@
 """The runtimes `runv-py compare` measures, each driven through its own command line:
-runv-py with the VM driver (cold, and cloning a template), with the namespace driver,
-and runc."""
+runv-py with the VM driver (cold, with the rootfs over 9p and over virtio-fs; cloning a
+template), with the namespace driver, and runc."""
 import os
 import re
 import shutil
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from .. import paths
+from ..drivers.virtiofs import VIRTIOFSD
 
 
 class CompareError(Exception):
@@ -73,8 +74,15 @@ def runtimes(opts, state: str, template_dir: str = "") -> tuple:
     runv = [sys.executable, "-m", "runv_py.cli", "--kernel", opts.kernel, "--initrd", opts.initrd]
     found, skipped = [], {}
     vm_driver = opts.driver if opts.driver and opts.driver != "namespace" else ""
-    vm = runv + ["--root", os.path.join(state, "vm")] + (["--driver", vm_driver] if vm_driver else [])
-    found.append(Runtime("runv-py vm", vm, "runv"))
+    vm = runv + (["--driver", vm_driver] if vm_driver else [])
+    # The VM driver with each way of sharing the rootfs (the README's file I/O figures).
+    for share in ("9p", "virtiofs"):
+        name = f"runv-py vm ({share})"
+        if share == "virtiofs" and not os.access(VIRTIOFSD, os.X_OK):
+            skipped[name] = f"{VIRTIOFSD} is not installed (qemu-system-common)"
+            continue
+        found.append(Runtime(name, vm + ["--root", os.path.join(state, share), "--share", share],
+                             "runv"))
     flag = template_flag(template_dir)
     if not flag:
         skipped["runv-py vm (template)"] = "this runv-py has no --template option yet"

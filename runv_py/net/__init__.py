@@ -18,3 +18,17 @@ def network_for(spec: dict) -> Optional["PodNetwork"]:  # noqa: F821
         return None
     from .pod import PodNetwork
     return PodNetwork.discover(path)
+
+
+def release(netns: str) -> None:
+    """What a killed sandbox left in its pod's namespace: see pod.release."""
+    from .pod import release as release_pod
+    release_pod(netns)
+
+
+def netns_path(spec: dict) -> str:
+    """The network namespace path in a spec ("" for none)."""
+    for n in (spec.get("linux") or {}).get("namespaces") or []:
+        if n.get("type") == "network":
+            return n.get("path") or ""
+    return ""

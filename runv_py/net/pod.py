@@ -125,6 +125,35 @@ class PodNetwork:
                 iface.fd = -1
 
 
+def release(netns: str) -> None:
+    """Remove the redirections a sandbox that is gone left in ``netns`` (its shim was
+    killed before detach ran): the ingress qdiscs whose filter redirects to one of our
+    taps or to a device that no longer exists (``*``: the tap closed with QEMU)."""
+    import os.path
+    if not os.path.exists(netns):
+        return  # removed with the pod (CNI DEL): nothing is left
+    try:
+        links = run(netns, "ip", "link", "show", json_out=True)
+    except Exception as e:
+        log.info("listing %s: %s", netns, e)
+        return
+    for link in links:
+        name = link.get("ifname", "")
+        if name.startswith(TAP_PREFIX) or name == "lo":
+            continue
+        try:
+            filters = run(netns, "tc", "filter", "show", "dev", name, "ingress", json_out=True)
+        except Exception:
+            continue  # no ingress qdisc
+        targets = [a.get("to_dev", "") for f in filters
+                   for a in (f.get("options") or {}).get("actions", []) if a.get("kind") == "mirred"]
+        if any(t == "*" or t.startswith(TAP_PREFIX) for t in targets):
+            try:
+                run(netns, "tc", "qdisc", "del", "dev", name, "ingress")
+            except Exception as e:
+                log.info("removing the redirection from %s: %s", name, e)
+
+
 def open_tap(name: str) -> int:
     """A tap device ``name`` in this thread's network namespace, as a file descriptor
     (it exists as long as the fd, or a copy of it, is open)."""

@@ -73,8 +73,8 @@ class Sandbox:
             raise
         sandbox = cls(sandbox_id, booted, network)
         try:
-            sandbox.agent.call(m.StartPod(hostname=hostname,
-                                          share_tag=getattr(sandbox.vm, "share_tag", "")))
+            sandbox.agent.call(m.StartPod(hostname=hostname, share_tag=sandbox.vm.share_tag,
+                                          share_kind=getattr(sandbox.vm, "share_kind", "9p")))
             if network is not None and sandbox.vm.network_in_guest:
                 for msg in network.guest_setup():
                     sandbox.agent.call(msg)

@@ -160,9 +160,12 @@ def delete(root: str, cid: str, force: bool = False) -> None:
 
 
 def remove_state(record: Record) -> None:
-    """Everything a container leaves on the host: its shim (and VM), its host cgroup,
-    its state directory."""
+    """Everything a container leaves on the host: its shim (and VM), the redirections
+    in its pod's network namespace, its host cgroup, its state directory."""
     kill_shim(record)
+    if record.netns:
+        from ..net import release
+        release(record.netns)
     if record.host_cgroups:
         from ..host.cgroups import HostCgroup
         HostCgroup(record.host_cgroups).remove()

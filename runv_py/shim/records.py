@@ -42,6 +42,7 @@ class Record:
     exit_status: Optional[int] = None
     oom_killed: bool = False
     host_cgroups: List[str] = dataclasses.field(default_factory=list)   # cgroupsPath dirs
+    netns: str = ""               # the pod's network namespace, if it has one
     execs: Dict[str, int] = dataclasses.field(default_factory=dict)        # id -> guest pid
     exec_exits: Dict[str, int] = dataclasses.field(default_factory=dict)   # id -> status
     path: str = ""                # the state directory (not stored)

@@ -68,9 +68,11 @@ class ShimServer:
             factory = OneShotFactory(driver, params.factory_policy, params.template_dir)
         else:
             factory = DirectFactory(driver)
+        network = network_for(self.bundle.spec)
+        if network is not None:
+            self.update(netns=network.netns)  # recorded first: delete releases it
         self.sandbox = Sandbox.boot(self.cid, factory, BootConfig(**params.config), self.path,
-                                    hostname=self.bundle.hostname,
-                                    network=network_for(self.bundle.spec))
+                                    hostname=self.bundle.hostname, network=network)
         self.record.qemu_pid = self.sandbox.vm.pid
         self.sandbox.listeners.append(self.on_exit)
         self.container = self.sandbox.create_container(

@@ -3,8 +3,8 @@ a config file and the environment containerd runs with.
 
 ``/etc/runv-py/runv-py.toml`` (or the file ``RUNVPY_CONFIG`` names) may set, at its top
 level: ``kernel``, ``initrd``, ``driver``, ``default_cpus``, ``default_memory`` (MiB),
-``template`` (a template directory: every VM a clone of it) and ``factory_policy`` (runV's
-policy JSON). ``RUNV_KERNEL``, ``RUNV_INITRD``, ``RUNV_DRIVER``, ``RUNV_TEMPLATE`` and
+``template`` (a template directory: every VM a clone of it), ``factory_policy`` (runV's
+policy JSON) and ``share`` (9p or virtiofs). ``RUNV_KERNEL``, ``RUNV_INITRD``, ``RUNV_DRIVER``, ``RUNV_TEMPLATE`` and
 ``RUNV_FACTORY_POLICY`` in the environment override the file.
 """
 import dataclasses
@@ -14,7 +14,8 @@ from .. import paths
 from ..hyperstart.errors import InvalidArgument
 
 ENV = {"kernel": "RUNV_KERNEL", "initrd": "RUNV_INITRD", "driver": "RUNV_DRIVER",
-       "template": "RUNV_TEMPLATE", "factory_policy": "RUNV_FACTORY_POLICY"}
+       "template": "RUNV_TEMPLATE", "factory_policy": "RUNV_FACTORY_POLICY",
+       "share": "RUNV_SHARE"}
 
 
 @dataclasses.dataclass
@@ -26,10 +27,11 @@ class ShimConfig:
     default_memory: int = 256
     template: str = ""
     factory_policy: str = ""
+    share: str = paths.DEFAULT_SHARE
 
     def boot_config(self) -> dict:
         return {"cpus": self.default_cpus, "memory_mib": self.default_memory,
-                "kernel": self.kernel, "initrd": self.initrd}
+                "kernel": self.kernel, "initrd": self.initrd, "share": self.share}
 
 
 def load(environ=os.environ) -> ShimConfig:

@@ -154,6 +154,7 @@ def delete(flags: Flags) -> int:
     except OSError:
         pass
     syscalls.unmount_below(os.path.join(bundle, "rootfs"))
+    release_network(bundle)
     try:  # the socket of the daemon that died
         os.unlink(socket_path(flags.get("address"), flags.get("namespace"), cid))
     except OSError:
@@ -163,6 +164,19 @@ def delete(flags: Flags) -> int:
     sys.stdout.buffer.write(response.SerializeToString())
     sys.stdout.flush()
     return 0
+
+
+def release_network(bundle: str) -> None:
+    """The redirections a killed daemon left in the pod's network namespace."""
+    import json
+    from ..net import netns_path, release
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            path = netns_path(json.load(f))
+    except (OSError, ValueError):
+        return
+    if path:
+        release(path)
 
 
 def serve(flags: Flags) -> int:

@@ -23,6 +23,7 @@ class BootConfig:
     extra_cmdline: tuple = ()
     max_cpus: int = 0            # room to grow (0: none): the VM has this many, offline
     max_memory_mib: int = 0      # likewise, memory the guest adds when told
+    share: str = "9p"            # how the sandbox's share reaches the guest: 9p or virtiofs
 
     def __post_init__(self):
         if self.cpus < 1 or self.cpus > 16:
@@ -31,6 +32,8 @@ class BootConfig:
             raise InvalidArgument(f"memory must be at least 64 MiB, not {self.memory_mib}")
         if self.max_cpus > 16:
             raise InvalidArgument(f"a VM has at most 16 cpus, not {self.max_cpus}")
+        if self.share not in ("9p", "virtiofs"):
+            raise InvalidArgument(f"unknown share kind {self.share!r} (9p or virtiofs)")
 
     @property
     def grows(self) -> bool:

@@ -190,6 +190,8 @@ def _exceeds(have: BootConfig, want: BootConfig) -> str:
         return f"{want.memory_mib} MiB asked, the cached VMs have {have.memory_mib}"
     if (want.kernel, want.initrd) != (have.kernel, have.initrd):
         return "another kernel or initrd"
+    if want.share != have.share:
+        return f"a {want.share} share asked, the cached VMs have {have.share}"
     return ""
 
 
