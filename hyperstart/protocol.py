@@ -78,12 +78,16 @@ def _not_serializable(obj):
 
 if _json is not None:
     _scan = _json.make_scanner(_ScanContext())
-    _encode = _json.make_encoder(None, _not_serializable, _json.encode_basestring_ascii,
-                                 None, ":", ",", False, False, True)
 
-    def json_dumps(obj) -> str:
-        """Compact JSON, as json.dumps(obj, separators=(",", ":")) writes it."""
-        return "".join(_encode(obj, 0))
+    def _encoder(item_separator: str, key_separator: str):
+        return _json.make_encoder(None, _not_serializable, _json.encode_basestring_ascii, None,
+                                  key_separator, item_separator, False, False, True)
+    _compact, _spaced = _encoder(",", ":"), _encoder(", ", ": ")
+
+    def json_dumps(obj, compact: bool = True) -> str:
+        """Compact JSON, as json.dumps(obj, separators=(",", ":")) writes it; with
+        ``compact=False``, as json.dumps(obj) does (what runc prints)."""
+        return "".join((_compact if compact else _spaced)(obj, 0))
 
     def json_loads(text: str):
         try:
@@ -96,10 +100,26 @@ if _json is not None:
 else:  # pragma: no cover
     import json
 
-    def json_dumps(obj) -> str:
-        return json.dumps(obj, separators=(",", ":"))
+    def json_dumps(obj, compact: bool = True) -> str:
+        return json.dumps(obj, separators=(",", ":") if compact else None)
 
     json_loads = json.loads
+
+
+def json_dumps_indented(obj, newline: str = "\n") -> str:
+    """As json.dumps(obj, indent=2) writes it (runc's `state`), for dicts, lists and
+    scalars: the C encoder cannot indent before Python 3.13. ``newline`` is the line
+    break and indentation the enclosing level's items start with."""
+    inner = newline + "  "
+    if isinstance(obj, dict) and obj:  # keys as json.dumps converts them (1 -> "1")
+        items = [json_dumps(k if isinstance(k, str) else json_dumps(k)) + ": "
+                 + json_dumps_indented(v, inner) for k, v in obj.items()]
+        brackets = "{}"
+    elif isinstance(obj, (list, tuple)) and obj:
+        items, brackets = [json_dumps_indented(v, inner) for v in obj], "[]"
+    else:  # a scalar, or an empty container: "{}", "[]"
+        return json_dumps(obj)
+    return brackets[0] + inner + ("," + inner).join(items) + newline + brackets[1]
 
 
 def encode_control(code: int, message=None) -> bytes:

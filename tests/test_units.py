@@ -34,7 +34,8 @@ def test_exit_status():
     assert p.exit_status(9) == 137
 
 
-@pytest.mark.parametrize("cid", ["", "a/b", "..", "../x", "x" * 129, "-lead", "sp ace"])
+@pytest.mark.parametrize("cid", ["", "a/b", "..", "../x", "x" * 129, "-lead", "sp ace", "a\n",
+                                 "\u00e9t\u00e9", "a\x00"])
 def test_bad_ids(cid):
     with pytest.raises(oci.BundleError):
         oci.check_id(cid)
@@ -42,6 +43,52 @@ def test_bad_ids(cid):
 
 def test_good_id():
     assert oci.check_id("web-1.2_x") == "web-1.2_x"
+    assert oci.check_id("0" + "a.+_-" * 25 + "xy") == "0" + "a.+_-" * 25 + "xy"  # 128
+
+
+JSON_VALUES = [None, True, False, 0, -7, 1 << 70, 1.5, "", "\u00e9\u2028\"\\\n\x00/", {}, [],
+               {"a": {}, "b": [], "c": [1, [2, {}], {"x": None, "y": [True]}]}, [[[]]],
+               ("a", ("b",)), {2: "int key", True: "bool key", None: "null key"},
+               {"ociVersion": "1.0.2-dev", "annotations": {"org.example/k": "v\u00e9"}}]
+
+
+@pytest.mark.parametrize("value", JSON_VALUES, ids=repr)
+def test_json_without_the_json_module_writes_what_json_does(value):
+    """hyperstart's encoder (the C accelerator alone: json's decoder imports re) writes
+    what json.dumps writes, compact, with its default separators, and indented by 2 (the
+    CLI's `state`, `list -f json`, `ps -f json`, `events`)."""
+    assert p.json_dumps(value) == json.dumps(value, separators=(",", ":"))
+    assert p.json_dumps(value, compact=False) == json.dumps(value)
+    assert p.json_dumps_indented(value) == json.dumps(value, indent=2)
+    assert p.json_loads(json.dumps(value)) == json.loads(json.dumps(value))
+
+
+def test_record_fields_defaults_and_state_json(tmp_path):
+    """shim.records.Record: a dataclass's API without dataclasses (which imports inspect):
+    keyword fields, fresh mutable defaults, state.json without ``path``."""
+    from runv_py.shim import records
+    a, b = records.Record(id="a"), records.Record(id="b", path=str(tmp_path))
+    assert (a.status, a.pid, a.exit_status, a.path) == ("stopped", 0, None, "")
+    a.annotations["k"] = "v"
+    a.host_cgroups.append("/x")
+    assert b.annotations == {} and b.host_cgroups == [] and b.execs == {} and b.exec_exits == {}
+    with pytest.raises(TypeError):
+        records.Record(id="c", bogus=1)
+    with pytest.raises(TypeError):
+        records.Record(status="running")  # no id
+    (tmp_path / "root" / "c1").mkdir(parents=True)
+    written = records.Record(id="c1", status="created", pid=5, bundle="/b",
+                             annotations={"k": "\u00e9"}, execs={"e1": 7}, exit_status=3,
+                             path=str(tmp_path / "root" / "c1"))
+    written.write()
+    stored = json.loads((tmp_path / "root" / "c1" / records.STATE_FILE).read_text())
+    assert list(stored) == ["id", *records.FIELDS] and stored["annotations"] == {"k": "\u00e9"}
+    read = records.read(str(tmp_path / "root"), "c1")  # its shim (pid 0) is gone: stopped
+    assert read.status == "stopped" and read.path == written.path and read.execs == {"e1": 7}
+    read.status = "created"
+    assert read == written and repr(read) == repr(written) and read != records.Record(id="c1")
+    (tmp_path / "root" / "c1" / records.STATE_FILE).write_text("[1]")
+    assert records.read(str(tmp_path / "root"), "c1") == records.Record(id="c1", path=written.path)
 
 
 def test_signals():
@@ -124,7 +171,7 @@ def stopped_container_root(tmp_path) -> str:
     (root / "c1").mkdir(parents=True)
     Record(id="c1", status="running", pid=1 << 22, bundle="/b", rootfs="/b/rootfs",
            created="2024-01-01T00:00:00Z", shim_pid=1 << 22, shim_start="1",
-           path=str(root / "c1")).write()
+           annotations={"org.example/\u00e9": "x\ty", "b": ""}, path=str(root / "c1")).write()
     return str(root)
 
 
@@ -227,3 +274,26 @@ def test_cli_launcher_without_site(tmp_path):
     assert usage.returncode == 2 and usage.stderr.startswith("Usage: runv-py state")
     from runv_py import __version__
     assert run("--version").stdout == f"runv-py, version {__version__}\n"
+
+
+LAUNCHER_LIGHT_CASES = ["state c1", "state nope", "list", "list -q", "list -f json"]
+
+
+@pytest.mark.parametrize("line", LAUNCHER_LIGHT_CASES)
+def test_cli_launcher_state_and_list_import_little(tmp_path, line):
+    """`state` and `list` under the -S launcher import neither json (its decoder imports
+    re), dataclasses (inspect), typing, enum nor ctypes: each costs more than the command."""
+    import os
+    import subprocess
+    import sys
+    launch = os.path.join(os.path.dirname(oci.__file__), "..", "cli", "launch.py")
+    root = stopped_container_root(tmp_path)
+    out = subprocess.run([sys.executable, "-S", "-X", "importtime", launch, "--root", root,
+                          *line.split()], check=False, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == (1 if "nope" in line else 0), out.stderr
+    imported = {row.split("|")[-1].strip() for row in out.stderr.splitlines()
+                if row.startswith("import time:")}
+    assert "runv_py.cli.hot" in imported
+    assert not imported & {"re", "dataclasses", "inspect", "typing", "enum", "json", "ctypes",
+                           "click", "logging"}

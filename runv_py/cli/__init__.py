@@ -75,15 +75,18 @@ def fail(message: str, code: int = 1):
 
 def runtime_errors(fn):
     """The edge of the CLI: any error of the runtime exits 1 with its message, as runc."""
-    import functools
-
-    @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from ..hyperstart.errors import RunvError
         try:
             return fn(*args, **kwargs)
         except RunvError as e:
             fail(str(e))
+    # What functools.wraps copies (click takes the name and help), without importing
+    # functools, and with it collections: the fast path's `state` comes through here.
+    for name in ("__module__", "__name__", "__qualname__", "__doc__", "__annotations__"):
+        setattr(wrapper, name, getattr(fn, name))
+    wrapper.__dict__.update(fn.__dict__)
+    wrapper.__wrapped__ = fn
     return wrapper
 
 

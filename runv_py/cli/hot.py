@@ -1,15 +1,15 @@
 """The commands tools call in loops: state, list, kill, ps and events.
 
 Their click commands (commands.py, more.py) and the fast path (fast.py) both call these
-functions, so what they do and print cannot differ. Nothing here imports click."""
-import json
-
+functions, so what they do and print cannot differ. Nothing here imports click, nor json
+(whose decoder imports re): hyperstart's encoder prints what json.dumps would."""
+from ..hyperstart.protocol import json_dumps, json_dumps_indented
 from . import echo
 
 
 def state(opts, container_id):
     from ..shim import lifecycle
-    echo(json.dumps(lifecycle.load(opts.root, container_id).oci_state(), indent=2))
+    echo(json_dumps_indented(lifecycle.load(opts.root, container_id).oci_state()))
 
 
 def list_containers(opts, quiet, fmt):
@@ -25,7 +25,7 @@ def list_containers(opts, quiet, fmt):
         for s in states:
             echo(s["id"])
     elif fmt == "json":
-        echo(json.dumps(states))
+        echo(json_dumps(states, compact=False))
     else:
         rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
         rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"])
@@ -45,7 +45,7 @@ def ps(opts, fmt, container_id, ps_args):
     from ..shim import lifecycle
     procs = lifecycle.processes(opts.root, container_id)
     if fmt == "json":
-        echo(json.dumps([p["pid"] for p in procs]))
+        echo(json_dumps([p["pid"] for p in procs], compact=False))
         return
     echo(f"{'UID':<8} {'PID':>6} {'PPID':>6} {'STAT':<4} {'RSS':>8}  CMD")
     for p in procs:
@@ -62,7 +62,8 @@ def events(opts, stats, interval, container_id):
     seconds = float(interval.rstrip("s")) if interval.rstrip("s").replace(".", "").isdigit() else 5.0
     while True:
         data = lifecycle.stats(opts.root, container_id)
-        echo(json.dumps({"type": "stats", "id": container_id, "data": runc_stats(data)}))
+        echo(json_dumps({"type": "stats", "id": container_id, "data": runc_stats(data)},
+                        compact=False))
         if stats:
             return
         time.sleep(seconds)

@@ -1,7 +1,6 @@
 """Host processes as the runtime tracks them: a pid plus its start time identifies a
 process even after the pid is reused."""
 import os
-import signal
 import time
 
 
@@ -36,6 +35,7 @@ def kill_and_wait(pid: int, started: str = "", timeout: float = 5.0) -> None:
     if not alive(pid, started):
         _reap(pid)
         return
+    import signal  # imports enum: not for the commands that only read records
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -6,7 +6,6 @@ this mount namespace is detached first, so a bind-mounted rootfs is never delete
 import errno
 import os
 
-from ..hyperstart import syscalls
 from ..hyperstart.errors import AlreadyExists
 from ..oci.bundle import check_id
 
@@ -31,6 +30,8 @@ def remove(path: str) -> None:
     """Remove a state directory without ever descending into a mount."""
     if not os.path.lexists(path):
         return
+    # ctypes: imported here, not for the commands that only read records
+    from ..hyperstart import syscalls
     syscalls.unmount_below(path)
     still_mounted = set(syscalls.mounts_below(path, include_self=True))
     _remove_tree(path, still_mounted)

@@ -1,12 +1,14 @@
-"""OCI bundles: loading and checking config.json, container ids and signals."""
-import json
+"""OCI bundles: loading and checking config.json, container ids and signals.
+
+Every CLI call checks a container id here: json, re and signal (which imports enum) are
+imported only by what needs them."""
 import os
-import re
-import signal
 
 from ..hyperstart.errors import InvalidArgument
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+# runc's container ids: ^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$ (without the re module).
+ID_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+ID_CHARS = ID_FIRST | frozenset("_.+-")
 
 
 class BundleError(InvalidArgument):
@@ -20,7 +22,7 @@ def check_id(cid: str) -> str:
         raise BundleError("container id must not be empty")
     if len(cid) > 128:
         raise BundleError(f"container id is {len(cid)} characters long; at most 128 allowed")
-    if not ID_PATTERN.match(cid) or ".." in cid:
+    if cid[0] not in ID_FIRST or not ID_CHARS.issuperset(cid) or ".." in cid:
         raise BundleError(f"invalid container id {cid!r}: use letters, digits and _.+- "
                           "(no '/', no '..')")
     return cid
@@ -78,6 +80,7 @@ def load(path: str) -> Bundle:
         raise BundleError(f"{config} not found (create one with 'runv-py spec')") from None
     except OSError as e:
         raise BundleError(f"cannot read {config}: {e.strerror}") from None
+    import json
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as e:
@@ -118,6 +121,7 @@ def check_process(process: dict, where: str = "process") -> None:
 
 def parse_signal(value) -> int:
     """A signal given as a number, 'KILL' or 'SIGKILL'; raises BundleError."""
+    import signal
     text = str(value).strip().upper()
     if text.isdigit():
         num = int(text)

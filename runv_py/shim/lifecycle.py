@@ -8,19 +8,24 @@ left, runs the poststop hooks and removes the state.
 
 `state`, `kill`, `ps` and `events` start here at every call of the tools that poll them:
 what only some calls need (the shim's protocol and client, hooks, the VM's sizing) is
-imported in the functions that use it.
+imported in the functions that use it; json, signal and typing (which import re and
+enum) are not imported at all.
 """
-import json
+from __future__ import annotations
+
 import os
-import signal
-from typing import Optional
 
 from ..host import proc as hostproc
 from ..host import statedir
 from ..hyperstart import states
 from ..hyperstart.errors import FailedPrecondition, InvalidArgument
+from ..hyperstart.protocol import json_loads
 from ..oci import bundle as oci
 from .records import Lock, Record, read
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from . import protocol as p
 
 SPAWN_TIMEOUT = float(os.environ.get("RUNV_BOOT_TIMEOUT", "60")) + 30
 
@@ -97,7 +102,7 @@ def write_pid_file(path: str, pid: int) -> None:
     os.replace(tmp, path)
 
 
-def _locked_call(root: str, cid: str, req: "p.Request") -> dict:
+def _locked_call(root: str, cid: str, req: p.Request) -> dict:
     from .client import ShimClient
     record = load(root, cid)
     with Lock(record.path):
@@ -175,7 +180,7 @@ def remove_state(record: Record) -> None:
 def bundle_spec(record: Record) -> dict:
     try:
         with open(os.path.join(record.bundle, "config.json")) as f:
-            return json.load(f)
+            return json_loads(f.read())
     except (OSError, ValueError):
         return {}
 
@@ -192,7 +197,7 @@ def stats(root: str, cid: str) -> dict:
     return ShimClient(load(root, cid)).call(p.Stats())["stats"]
 
 
-def request(root: str, cid: str, req: "p.Request") -> dict:
+def request(root: str, cid: str, req: p.Request) -> dict:
     """One more request to a container's shim (signal, close_stdin, winsize, update)."""
     from .client import ShimClient
     return ShimClient(load(root, cid)).call(req)
@@ -200,7 +205,7 @@ def request(root: str, cid: str, req: "p.Request") -> dict:
 
 def exec_process(root: str, cid: str, process: dict, detach: bool, pid_file: str = "",
                  console_socket: str = "", exec_id: str = "", stdio_paths=(),
-                 on_started=None) -> Optional[int]:
+                 on_started=None) -> int | None:
     """Run ``process`` in the container. Foreground: forward stdio, call
     ``on_started(reply)`` once it runs, and return its exit status. Detached: fork a
     holder process that lives as long as the process and exits with its status (its
@@ -249,6 +254,8 @@ def exec_process(root: str, cid: str, process: dict, detach: bool, pid_file: str
 def forward_winsize(root: str, cid: str, exec_id: str):
     """Send this terminal's size to the process now and at every SIGWINCH; returns
     what undoes it."""
+    import signal
+
     from ..hyperstart.errors import RunvError
     from . import protocol as p
     from .terminal import terminal_size

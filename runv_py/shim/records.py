@@ -7,45 +7,80 @@ reads as ``stopped``. A lock file serialises CLI calls on one container.
 `runv-py state` and `list` read records at every call of the tools that poll them: what
 only locks or connects (fcntl, socket) is imported where it is used.
 """
-import dataclasses
-import json
+from __future__ import annotations  # annotations stay text: typing is not imported
+
 import os
 import time
-from typing import Dict, List, Optional
 
 from ..host import proc, statedir
 from ..hyperstart import states
 from ..hyperstart.errors import NotFound, Unavailable
+from ..hyperstart.protocol import json_dumps, json_loads  # json's decoder imports re
 from ..oci.state import oci_state
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    import socket
 
 STATE_FILE = "state.json"
 SHIM_SOCKET = "shim.sock"
 LOCK_FILE = ".lock"
 LOCK_TIMEOUT = 120.0
 
+# A record's fields after its id, as state.json holds them, with their defaults (dict
+# and list: a new empty one for each record). A table, not a dataclass: dataclasses
+# imports inspect, which costs more than a `runv-py state`.
+FIELDS = {
+    "status": states.STOPPED,
+    "pid": 0,                     # the container's host pid: its shim
+    "bundle": "",
+    "rootfs": "",
+    "created": "",
+    "owner": "",
+    "annotations": dict,          # str -> str
+    "shim_pid": 0,
+    "shim_start": "",
+    "qemu_pid": 0,
+    "started": "",
+    "finished": "",
+    "exit_status": None,          # int, once the container has exited
+    "oom_killed": False,
+    "host_cgroups": list,         # cgroupsPath dirs (str)
+    "netns": "",                  # the pod's network namespace, if it has one
+    "execs": dict,                # exec id -> guest pid
+    "exec_exits": dict,           # exec id -> exit status
+}
 
-@dataclasses.dataclass
+
 class Record:
-    id: str
-    status: str = states.STOPPED
-    pid: int = 0                  # the container's host pid: its shim
-    bundle: str = ""
-    rootfs: str = ""
-    created: str = ""
-    owner: str = ""
-    annotations: Dict[str, str] = dataclasses.field(default_factory=dict)
-    shim_pid: int = 0
-    shim_start: str = ""
-    qemu_pid: int = 0
-    started: str = ""
-    finished: str = ""
-    exit_status: Optional[int] = None
-    oom_killed: bool = False
-    host_cgroups: List[str] = dataclasses.field(default_factory=list)   # cgroupsPath dirs
-    netns: str = ""               # the pod's network namespace, if it has one
-    execs: Dict[str, int] = dataclasses.field(default_factory=dict)        # id -> guest pid
-    exec_exits: Dict[str, int] = dataclasses.field(default_factory=dict)   # id -> status
-    path: str = ""                # the state directory (not stored)
+    """A container's record: ``id``, the FIELDS, and ``path``, its state directory (not
+    stored). ``Record(id=..., **fields)`` as a dataclass would take them."""
+
+    __slots__ = ("id", *FIELDS, "path")
+
+    def __init__(self, id: str, *, path: str = "", **fields) -> None:
+        unknown = fields.keys() - FIELDS.keys()
+        if unknown:
+            raise TypeError(f"Record() got unexpected fields: {', '.join(sorted(unknown))}")
+        self.id, self.path = id, path
+        for name, default in FIELDS.items():
+            if name in fields:
+                setattr(self, name, fields[name])
+            else:
+                setattr(self, name, default() if isinstance(default, type) else default)
+
+    def stored(self) -> dict:
+        """What state.json holds: every field but ``path``."""
+        return {name: getattr(self, name) for name in ("id", *FIELDS)}
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.stored().items())
+        return f"Record({fields}, path={self.path!r})"
+
+    def __eq__(self, other) -> bool:
+        if type(other) is not Record:
+            return NotImplemented
+        return (self.stored(), self.path) == (other.stored(), other.path)
 
     @property
     def shim_alive(self) -> bool:
@@ -60,11 +95,9 @@ class Record:
                          self.owner, self.annotations)
 
     def write(self) -> None:
-        data = dataclasses.asdict(self)
-        data.pop("path")
         tmp = os.path.join(self.path, STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(data, f)
+            f.write(json_dumps(self.stored(), compact=False))
         os.replace(tmp, os.path.join(self.path, STATE_FILE))
 
 
@@ -74,9 +107,10 @@ def read(root: str, cid: str) -> Record:
     path = statedir.container_dir(root, cid)
     try:
         with open(os.path.join(path, STATE_FILE)) as f:
-            data = json.load(f)
-        fields = {f.name for f in dataclasses.fields(Record)}
-        record = Record(**{k: v for k, v in data.items() if k in fields})
+            data = json_loads(f.read())
+        if not isinstance(data, dict):
+            raise TypeError("state.json holds no object")
+        record = Record(**{k: v for k, v in data.items() if k == "id" or k in FIELDS})
     except FileNotFoundError:
         if os.path.isdir(path):  # created right now, or a create that crashed
             return Record(id=cid, path=path)
@@ -126,7 +160,7 @@ class Lock:
             self.fd = -1
 
 
-def connect_unix(path: str, timeout: float = 5.0) -> "socket.socket":
+def connect_unix(path: str, timeout: float = 5.0) -> socket.socket:
     """Connect to a unix socket whatever the length of its path (via an O_PATH fd)."""
     import socket
     dirfd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
