@@ -30,6 +30,14 @@ fi
 
 echo "==> installing the runv-py Python package"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test,compare]'
+# The runv-py command as the fast launcher: pip's console script cannot pass -S, and the
+# commands tools poll (state, kill, ...) would pay site-packages' start-up at every call.
+SCRIPT="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/runv-py"
+cat > "$SCRIPT" <<EOF
+#!/bin/sh
+# Written by runv-py's setup.sh: python -S and runv_py/cli/launch.py (see its docstring).
+exec "$("$PYTHON" -c 'import sys; print(sys.executable)')" -S "$PWD/runv_py/cli/launch.py" "\$@"
+EOF
 
 LIB_DIR=/var/lib/runv-py                      # == runv_py/paths.py
 export RUNV_CACHE="${RUNV_CACHE:-/var/cache/runv-py}"

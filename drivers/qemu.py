@@ -137,7 +137,12 @@ class QemuDriver:
             log.info("%s shares over 9p, not virtio-fs: its RAM is a template's file, and "
                      "vhost-user cannot serve a clone's private copy of it", name)
         vfsd = virtiofs.start(os.path.abspath(share_dir), workdir) if share == "virtiofs" else None
-        nics = network.attach() if network is not None else []
+        try:
+            nics = network.attach() if network is not None else []
+        except BaseException:
+            if vfsd is not None:
+                virtiofs.stop(vfsd)
+            raise
         cmd = self.command(config, name, os.path.abspath(share_dir), memory_file,
                            shared_memory, incoming, nics)
         log.debug("launching %s", " ".join(cmd))
@@ -214,6 +219,8 @@ class QemuVM:
         qemu_log = self.read_tail(QEMU_LOG, 1000).strip()
         if qemu_log:
             parts.append(f"QEMU said: {qemu_log}")
+        if self.virtiofsd is not None and virtiofs.log_tail(self.workdir):
+            parts.append(f"virtiofsd said: {virtiofs.log_tail(self.workdir)}")
         console = self.console_tail()
         if console:
             parts.append(f"guest console (last lines):\n{console}")

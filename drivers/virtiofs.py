@@ -10,7 +10,6 @@ vhost-user needs the guest's RAM shared with it: the VM gets a memfd backend, sh
 import os
 import signal
 import subprocess
-import time
 
 from ..hyperstart import syscalls
 from . import DriverError
@@ -18,7 +17,6 @@ from . import DriverError
 VIRTIOFSD = os.environ.get("RUNV_VIRTIOFSD", "/usr/lib/qemu/virtiofsd")
 SOCKET = "vfs.sock"
 LOG = "virtiofsd.log"
-START_TIMEOUT = 10.0
 
 
 def available() -> bool:
@@ -36,35 +34,47 @@ def qemu_args(tag: str, memory_mib: int) -> tuple:
 
 
 def start(share_dir: str, workdir: str) -> subprocess.Popen:
-    """Start virtiofsd serving ``share_dir`` on ``workdir``/vfs.sock; returns once the
-    socket is there for QEMU to connect to."""
+    """Start virtiofsd serving ``share_dir`` on ``workdir``/vfs.sock, a socket bound here
+    and handed over with --fd: QEMU may connect at once (the connection waits in the
+    backlog until virtiofsd accepts it). With --socket-path virtiofsd would also take a
+    lock named after that path, which a relative path would make common to all VMs, and
+    an absolute one can pass the 107 bytes a socket path may have."""
+    import socket
     if not available():
         raise DriverError(f"{VIRTIOFSD} not found (apt-get install qemu-system-common), "
                           "or use the 9p share")
-    socket_path = os.path.join(workdir, SOCKET)
     try:
-        os.unlink(socket_path)
+        os.unlink(os.path.join(workdir, SOCKET))
     except FileNotFoundError:
         pass
-    with open(os.path.join(workdir, LOG), "wb") as log:
-        try:
-            proc = subprocess.Popen(
-                # Relative, as QEMU's: a socket path is limited to 107 bytes.
-                [VIRTIOFSD, f"--socket-path={SOCKET}", "-o", f"source={share_dir}",
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # through the directory's fd: a short path whatever workdir's length
+            listener.bind(f"/proc/self/fd/{dir_fd}/{SOCKET}")
+        finally:
+            os.close(dir_fd)
+        listener.listen(1)
+        with open(os.path.join(workdir, LOG), "wb") as log:
+            return subprocess.Popen(
+                [VIRTIOFSD, f"--fd={listener.fileno()}", "-o", f"source={share_dir}",
                  "-o", "sandbox=chroot", "-o", "cache=auto", "-o", "log_level=warn"],
-                cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                pass_fds=(listener.fileno(),),
                 preexec_fn=lambda: syscalls.die_with_parent(signal.SIGKILL))
-        except OSError as e:
-            raise DriverError(f"cannot start virtiofsd: {e}") from None
-    deadline = time.monotonic() + START_TIMEOUT
-    while not os.path.exists(socket_path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            with open(os.path.join(workdir, LOG), errors="replace") as f:
-                raise DriverError(f"virtiofsd did not start: {f.read()[-1000:]}")
-        time.sleep(0.002)
-    return proc
+    except OSError as e:
+        raise DriverError(f"cannot start virtiofsd: {e}") from None
+    finally:
+        listener.close()  # virtiofsd holds it now
+
+
+def log_tail(workdir: str, size: int = 1000) -> str:
+    """What virtiofsd said (for a VM that failed to come up)."""
+    try:
+        with open(os.path.join(workdir, LOG), errors="replace") as f:
+            return f.read()[-size:].strip()
+    except OSError:
+        return ""
 
 
 def stop(proc: subprocess.Popen, timeout: float = 3.0) -> None:

@@ -1,0 +1,151 @@
+"""Kubernetes' path, measured: a private containerd with the CRI plugin (the tests'
+harness), the same pod spec under the ``runc`` handler and the ``runvpy`` handler, side
+by side in one run.
+
+- pod to first byte: RunPodSandbox + CreateContainer + StartContainer of a container
+  that prints one line, until that line is in the container's CRI log (what
+  `kubectl logs` would show first), interleaved runc/runvpy, medians of --runs;
+- memory per idle pod: --idle pods with one `sleep` container each, then the PSS of each
+  pod's shim and every process under it (runvpy: the shim v2 daemon, QEMU, virtiofsd;
+  runc: containerd-shim-runc-v2, pause, sleep); the median per pod.
+
+    python3 bench/cri.py [--runs 5] [--idle 3]
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+from common import median
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from cri.harness import RUNC_HANDLER, RUNVPY_HANDLER, CriContainerd, cri_log_text  # noqa: E402
+from cri.config import missing_prerequisites  # noqa: E402
+
+HANDLERS = (RUNC_HANDLER, RUNVPY_HANDLER)
+LINE = "first byte\n"
+
+
+def pod_to_first_byte(cri: CriContainerd, handler: str, logs: str, n: int) -> float:
+    client = cri.client
+    name = f"fb-{handler}-{n}"
+    log = os.path.join(logs, name, "c", "0.log")
+    start = time.perf_counter()
+    pod = client.run_pod(name, log_dir=os.path.join(logs, name), handler=handler)
+    cid = client.create_container(pod, "c", cri.BUSYBOX, ["sh", "-c", f"echo {LINE.strip()};"
+                                                                      " exec sleep 600"])
+    client.start_container(cid)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if cri_log_text(log) == LINE:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{handler}: no output in {log}")
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - start
+    client.stop_pod(pod)
+    client.remove_pod(pod)
+    return elapsed
+
+
+def children() -> dict:
+    """ppid -> [pid] for every process."""
+    tree = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            tree.setdefault(ppid, []).append(int(name))
+    return tree
+
+
+def shim_of(pod: str) -> int:
+    """The shim serving a pod: containerd starts it with ``-id <pod id>``."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if args and b"containerd-shim" in args[0] and pod.encode() in args:
+                return int(name)
+    raise RuntimeError(f"no shim for pod {pod}")
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_pss_mib(root: int) -> float:
+    tree, todo, total = children(), [root], 0
+    while todo:
+        pid = todo.pop()
+        total += pss_kib(pid)
+        todo.extend(tree.get(pid, []))
+    return total / 1024
+
+
+def idle_pods(cri: CriContainerd, handler: str, logs: str, count: int) -> list:
+    client = cri.client
+    pods = []
+    for n in range(count):
+        pod = client.run_pod(f"idle-{handler}-{n}", log_dir=os.path.join(logs, f"idle{n}"),
+                             handler=handler)
+        client.run_container(pod, "c", cri.BUSYBOX, ["sleep", "600"])
+        pods.append(pod)
+    time.sleep(3)  # let the guests settle (their agents idle)
+    figures = [tree_pss_mib(shim_of(pod)) for pod in pods]
+    for pod in pods:
+        client.stop_pod(pod)
+        client.remove_pod(pod)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--idle", type=int, default=3)
+    args = parser.parse_args()
+    missing = missing_prerequisites()
+    if missing:
+        print(f"cannot run: {missing}", file=sys.stderr)
+        return 1
+    logs = tempfile.mkdtemp(prefix="runv-bench-cri-")
+    times = {h: [] for h in HANDLERS}
+    with CriContainerd(log_level="info") as cri:
+        cri.client.rpc_timeout = 120
+        for h in HANDLERS:  # warm-up: images unpacked, first shim started once
+            pod_to_first_byte(cri, h, logs, -1)
+        for n in range(args.runs):
+            for h in HANDLERS:
+                times[h].append(pod_to_first_byte(cri, h, logs, n))
+            print(f"round {n + 1}/{args.runs}", file=sys.stderr)
+        pss = {h: idle_pods(cri, h, logs, args.idle) for h in HANDLERS}
+    base_t, base_m = median(times[RUNC_HANDLER]), median(pss[RUNC_HANDLER])
+    print(f"\nCRI through one containerd: medians of {args.runs} runs, {args.idle} idle pods"
+          " (ratio to runc)")
+    print(f"  {'':36} {'pod to first byte':>22} {'PSS per idle pod':>22}")
+    for h in HANDLERS:
+        t, m = median(times[h]), median(pss[h])
+        print(f"  {h:36} {t * 1000:10.0f} ms {t / base_t:7.1f}x {m:10.1f} MiB {m / base_m:6.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
