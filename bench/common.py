@@ -11,7 +11,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from runv_py.oci.busybox import make_bundle  # noqa: E402
 
-RUNV = [sys.executable, "-m", "runv_py.cli"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the `runv-py` command that setup.sh writes runs: the -S launcher.
+RUNV = [sys.executable, "-S", os.path.join(REPO, "runv_py", "cli", "launch.py")]
 
 
 def timed(cmd, **kw) -> float:

@@ -313,8 +313,6 @@ def _zombie(pid: int) -> bool:
 
 @pytest.mark.vm
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(reason="runv-py's pod support (one VM per pod sandbox) is being written",
-                   strict=False)
 def test_runvpy_pod_serves_http(cri, tmp_path):
     client = cri.client
     client.rpc_timeout = 90

@@ -102,6 +102,18 @@ def test_the_test_host_reaches_a_server_in_the_container(runv, bundle, netns):
     assert "ingress" not in sh("ip", "netns", "exec", netns["pod"], "tc", "qdisc", "show")
 
 
+def test_a_second_vm_on_one_namespace_is_refused_and_the_first_keeps_it(runv, bundle, netns):
+    if runv.driver == "namespace":
+        pytest.skip("the namespace driver joins the namespace itself: no redirection")
+    first = runv.id()
+    runv.detached("run", "-d", "-b", in_netns(bundle(["sleep", "600"]), netns["path"]), first)
+    r = runv("run", "-b", in_netns(bundle(["true"]), netns["path"]), runv.id("b"))
+    assert r.returncode != 0 and b"already redirected" in r.stderr, r.stderr
+    r = runv("exec", first, "wget", "-qO-", f"http://{netns['net']}.1:8080/")
+    assert r.returncode == 0 and "hello from the test host" in out(r), r.stderr
+    runv("delete", "-f", first, check=True)
+
+
 def test_host_networking_is_refused_and_changes_nothing(runv, bundle):
     b = bundle(["true"])
     config = os.path.join(b, "config.json")

@@ -257,7 +257,13 @@ def serve(shim_args: dict, state_dir: str, containerd_dir: str, listen: str,
     supervisor.close()
     pid_file.release()
     if solo_namespaced and supervisor.solo_done:
+        # The thread that logged the last exit may still be writing its record: a file
+        # written meanwhile leaves the directory behind, so try again for a while.
+        deadline = time.monotonic() + 5
         statedir.remove(containerd_dir)
+        while os.path.exists(containerd_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            statedir.remove(containerd_dir)
     try:
         os.unlink(listen)
     except FileNotFoundError:

@@ -20,6 +20,7 @@ import struct
 from typing import List
 
 from ..hyperstart import messages as m
+from ..hyperstart.errors import FailedPrecondition
 from .netns import check_pod_namespace, inside, run
 
 log = logging.getLogger("runv_py.net")
@@ -79,6 +80,13 @@ class PodNetwork:
     def attach(self) -> List[Nic]:
         """Create the taps and the redirections; returns QEMU's NICs."""
         nics = []
+        for iface in self.interfaces:
+            qdiscs = run(self.netns, "tc", "qdisc", "show", "dev", iface.name, "ingress")
+            if "ingress" in qdiscs:
+                raise FailedPrecondition(
+                    f"{iface.name} in network namespace {self.netns} is already redirected "
+                    "(another VM has this namespace: runv-py runs one VM per network "
+                    "namespace; pods go through the shim v2, one VM per pod)")
         try:
             for iface in self.interfaces:
                 iface.tap = (TAP_PREFIX + iface.name)[:15]
@@ -127,8 +135,8 @@ class PodNetwork:
 
 def release(netns: str) -> None:
     """Remove the redirections a sandbox that is gone left in ``netns`` (its shim was
-    killed before detach ran): the ingress qdiscs whose filter redirects to one of our
-    taps or to a device that no longer exists (``*``: the tap closed with QEMU)."""
+    killed before detach ran): the ingress qdiscs whose filter redirects to a device that
+    no longer exists (``*``: the tap closed with QEMU)."""
     import os.path
     if not os.path.exists(netns):
         return  # removed with the pod (CNI DEL): nothing is left
@@ -147,7 +155,7 @@ def release(netns: str) -> None:
             continue  # no ingress qdisc
         targets = [a.get("to_dev", "") for f in filters
                    for a in (f.get("options") or {}).get("actions", []) if a.get("kind") == "mirred"]
-        if any(t == "*" or t.startswith(TAP_PREFIX) for t in targets):
+        if "*" in targets:  # a live tap is a live VM's (maybe another container's)
             try:
                 run(netns, "tc", "qdisc", "del", "dev", name, "ingress")
             except Exception as e:
