@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "tests"))
 from cri.harness import RUNC_HANDLER, RUNVPY_HANDLER, CriContainerd, cri_log_text  # noqa: E402
 from cri.config import missing_prerequisites  # noqa: E402
+from runv_py.compare.measure import descendants, pss_kb  # noqa: E402
 
 HANDLERS = (RUNC_HANDLER, RUNVPY_HANDLER)
 LINE = "first byte\n"
@@ -53,22 +54,9 @@ def pod_to_first_byte(cri: CriContainerd, handler: str, logs: str, n: int) -> fl
     return elapsed
 
 
-def children() -> dict:
-    """ppid -> [pid] for every process."""
-    tree = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            tree.setdefault(ppid, []).append(int(name))
-    return tree
-
-
 def shim_of(pod: str) -> int:
-    """The shim serving a pod: containerd starts it with ``-id <pod id>``."""
+    """The shim serving a pod: containerd starts it with ``-id <pod id>`` (runv-py's
+    daemon re-executes itself as ``python3 -m runv_py.shimv2 -id=<pod id> ... serve``)."""
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
@@ -76,29 +64,14 @@ def shim_of(pod: str) -> int:
                     args = f.read().split(b"\0")
             except OSError:
                 continue
-            if args and b"containerd-shim" in args[0] and pod.encode() in args:
+            shim = args[0].endswith(b"containerd-shim-runc-v2") or b"runv_py.shimv2" in args
+            if shim and (pod.encode() in args or b"-id=" + pod.encode() in args):
                 return int(name)
     raise RuntimeError(f"no shim for pod {pod}")
 
 
-def pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def tree_pss_mib(root: int) -> float:
-    tree, todo, total = children(), [root], 0
-    while todo:
-        pid = todo.pop()
-        total += pss_kib(pid)
-        todo.extend(tree.get(pid, []))
-    return total / 1024
+    return sum(pss_kb(pid) for pid in [root] + descendants(root)) / 1024
 
 
 def idle_pods(cri: CriContainerd, handler: str, logs: str, count: int) -> list:
