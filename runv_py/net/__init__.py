@@ -8,12 +8,11 @@ from ..hyperstart.errors import InvalidArgument
 def network_for(spec: dict) -> Optional["PodNetwork"]:  # noqa: F821
     """The pod network a sandbox's spec asks for: None for a network of the VM's own
     (a network namespace without a path); host networking is refused."""
-    namespaces = (spec.get("linux") or {}).get("namespaces") or []
-    entries = [n for n in namespaces if n.get("type") == "network"]
-    if not entries:
+    entry = network_namespace(spec)
+    if entry is None:
         raise InvalidArgument("host networking is not supported: a VM has a network stack of "
                               "its own (give the container a network namespace)")
-    path = entries[0].get("path")
+    path = entry.get("path")
     if not path:
         return None
     from .pod import PodNetwork
@@ -26,9 +25,14 @@ def release(netns: str) -> None:
     release_pod(netns)
 
 
-def netns_path(spec: dict) -> str:
-    """The network namespace path in a spec ("" for none)."""
+def network_namespace(spec: dict) -> Optional[dict]:
+    """The spec's network namespace entry (None: the host's network)."""
     for n in (spec.get("linux") or {}).get("namespaces") or []:
         if n.get("type") == "network":
-            return n.get("path") or ""
-    return ""
+            return n
+    return None
+
+
+def netns_path(spec: dict) -> str:
+    """The network namespace path in a spec ("" for none)."""
+    return (network_namespace(spec) or {}).get("path") or ""

@@ -137,7 +137,6 @@ def release(netns: str) -> None:
     """Remove the redirections a sandbox that is gone left in ``netns`` (its shim was
     killed before detach ran): the ingress qdiscs whose filter redirects to a device that
     no longer exists (``*``: the tap closed with QEMU)."""
-    import os.path
     if not os.path.exists(netns):
         return  # removed with the pod (CNI DEL): nothing is left
     try:

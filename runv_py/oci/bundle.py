@@ -94,6 +94,18 @@ def load(path: str) -> Bundle:
     return bundle
 
 
+def read_spec(path: str) -> dict:
+    """``path/config.json`` as it is, or {} if it is missing or unreadable: for clean-up
+    and lookups that must go on without it (a bundle removed or half-written)."""
+    from ..hyperstart.protocol import json_loads  # the C scanner alone: no re module
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            spec = json_loads(f.read())
+    except (OSError, ValueError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
 def check_spec(spec: dict, where: str) -> None:
     root = spec.get("root")
     if not isinstance(root, dict) or not isinstance(root.get("path"), str) or not root["path"]:

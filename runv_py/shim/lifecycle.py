@@ -19,7 +19,6 @@ from ..host import proc as hostproc
 from ..host import statedir
 from ..hyperstart import states
 from ..hyperstart.errors import FailedPrecondition, InvalidArgument
-from ..hyperstart.protocol import json_loads
 from ..oci import bundle as oci
 from .records import Lock, Record, read
 
@@ -178,11 +177,7 @@ def remove_state(record: Record) -> None:
 
 
 def bundle_spec(record: Record) -> dict:
-    try:
-        with open(os.path.join(record.bundle, "config.json")) as f:
-            return json_loads(f.read())
-    except (OSError, ValueError):
-        return {}
+    return oci.read_spec(record.bundle)
 
 
 def processes(root: str, cid: str) -> list:

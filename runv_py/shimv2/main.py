@@ -168,13 +168,9 @@ def delete(flags: Flags) -> int:
 
 def release_network(bundle: str) -> None:
     """The redirections a killed daemon left in the pod's network namespace."""
-    import json
     from ..net import netns_path, release
-    try:
-        with open(os.path.join(bundle, "config.json")) as f:
-            path = netns_path(json.load(f))
-    except (OSError, ValueError):
-        return
+    from ..oci.bundle import read_spec
+    path = netns_path(read_spec(bundle))
     if path:
         release(path)
 

@@ -2,13 +2,13 @@
 which container is the sandbox (the pause container), which sandbox a container joins,
 how big the pod is. One VM per pod: the sandbox container boots it, with room to grow
 as the pod's containers come (ONLINECPUMEM)."""
-import json
 import math
 import os
 import threading
 from typing import Optional
 
 from ..hyperstart.errors import FailedPrecondition
+from ..oci.bundle import read_spec
 from ..oci.resources import VM_MEMORY_OVERHEAD_MIB, vm_size
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
@@ -22,11 +22,7 @@ MAX_CPUS = 16
 
 
 def annotations_of(bundle: str) -> dict:
-    try:
-        with open(os.path.join(bundle, "config.json")) as f:
-            return json.load(f).get("annotations") or {}
-    except (OSError, ValueError):
-        return {}
+    return read_spec(bundle).get("annotations") or {}
 
 
 def sandbox_of(annotations: dict) -> str:
