@@ -40,6 +40,12 @@ def host_tsc_khz() -> int:
     return 0
 
 
+def share_kind(config, memory_file: str = "") -> str:
+    """The share a VM gets: virtio-fs if asked for, except for a VM whose RAM is a
+    template's file (vhost-user cannot serve a clone's private copy of it)."""
+    return "virtiofs" if config.share == "virtiofs" and not memory_file else "9p"
+
+
 def _die_with_parent() -> None:
     # QEMU must not outlive the thread that launched it (see vm/launcher.py).
     syscalls.die_with_parent(signal.SIGKILL)
@@ -96,7 +102,7 @@ class QemuDriver:
                "-object", "rng-random,id=rng0,filename=/dev/urandom",
                "-device", "virtio-rng-device,rng=rng0",
                "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off"]
-        if config.share == "virtiofs" and not memory_file:
+        if share_kind(config, memory_file) == "virtiofs":
             args, memory_option = virtiofs.qemu_args(
                 SHARE_TAG, max(config.memory_mib, config.max_memory_mib))
             cmd += args
@@ -132,32 +138,31 @@ class QemuDriver:
                 os.unlink(os.path.join(workdir, stale))
             except FileNotFoundError:
                 pass
-        share = "virtiofs" if config.share == "virtiofs" and not memory_file else "9p"
+        share = share_kind(config, memory_file)
         if share != config.share:
             log.info("%s shares over 9p, not virtio-fs: its RAM is a template's file, and "
                      "vhost-user cannot serve a clone's private copy of it", name)
         vfsd = virtiofs.start(os.path.abspath(share_dir), workdir) if share == "virtiofs" else None
         try:
             nics = network.attach() if network is not None else []
+            cmd = self.command(config, name, os.path.abspath(share_dir), memory_file,
+                               shared_memory, incoming, nics)
+            log.debug("launching %s", " ".join(cmd))
+            with open(os.path.join(workdir, QEMU_LOG), "wb") as qlog:
+                try:
+                    proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL,
+                                            stdout=qlog, stderr=qlog, preexec_fn=_die_with_parent,
+                                            start_new_session=True,
+                                            pass_fds=[n.fd for n in nics])
+                except OSError as e:
+                    raise DriverError(f"cannot start {self.qemu}: {e}") from None
+                finally:
+                    if network is not None:
+                        network.close_fds()
         except BaseException:
             if vfsd is not None:
                 virtiofs.stop(vfsd)
             raise
-        cmd = self.command(config, name, os.path.abspath(share_dir), memory_file,
-                           shared_memory, incoming, nics)
-        log.debug("launching %s", " ".join(cmd))
-        with open(os.path.join(workdir, QEMU_LOG), "wb") as qlog:
-            try:
-                proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL,
-                                        stdout=qlog, stderr=qlog, preexec_fn=_die_with_parent,
-                                        start_new_session=True, pass_fds=[n.fd for n in nics])
-            except OSError as e:
-                if vfsd is not None:
-                    virtiofs.stop(vfsd)
-                raise DriverError(f"cannot start {self.qemu}: {e}") from None
-            finally:
-                if network is not None:
-                    network.close_fds()
         if incoming:
             # A clone is driven over QMP at once: load the client while QEMU starts.
             import qemu.qmp.legacy  # noqa: F401
@@ -219,8 +224,9 @@ class QemuVM:
         qemu_log = self.read_tail(QEMU_LOG, 1000).strip()
         if qemu_log:
             parts.append(f"QEMU said: {qemu_log}")
-        if self.virtiofsd is not None and virtiofs.log_tail(self.workdir):
-            parts.append(f"virtiofsd said: {virtiofs.log_tail(self.workdir)}")
+        virtiofsd_log = virtiofs.log_tail(self.workdir) if self.virtiofsd is not None else ""
+        if virtiofsd_log:
+            parts.append(f"virtiofsd said: {virtiofsd_log}")
         console = self.console_tail()
         if console:
             parts.append(f"guest console (last lines):\n{console}")
