@@ -80,8 +80,8 @@ def apply_device_rules(path: str, rules: list) -> None:
         write_file(os.path.join(path, "devices.allow"), line)
 
 
-def v1_cgroup_dirs(controllers=CONTROLLERS) -> dict:
-    """controller -> this process's own directory in that cgroup v1 hierarchy."""
+def v1_mounts(controllers=CONTROLLERS) -> dict:
+    """controller -> where its cgroup v1 hierarchy is mounted."""
     mounts = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -92,6 +92,13 @@ def v1_cgroup_dirs(controllers=CONTROLLERS) -> dict:
             for opt in fields[sep + 3].split(","):
                 if opt in controllers:
                     mounts.setdefault(opt, fields[4])
+    return mounts
+
+
+def v1_cgroup_dirs(controllers=CONTROLLERS, mounts: dict = None) -> dict:
+    """controller -> this process's own directory in that cgroup v1 hierarchy (under
+    ``mounts``, v1_mounts' answer, if the caller has it already)."""
+    mounts = v1_mounts(controllers) if mounts is None else mounts
     own = {}
     with open("/proc/self/cgroup") as f:
         for line in f:

@@ -21,6 +21,10 @@ class GuestPlatform:
     """The guest: a whole kernel of the sandbox's own. Each container gets a cgroup
     namespace rooted at its own cgroup (the guest's root cgroup is the agent's)."""
 
+    # The guest's /proc shows the guest's kernel: the spec's masks alone apply.
+    masked_paths: tuple = ()
+    readonly_paths: tuple = ()
+
     cgroup_namespace = True
 
     def __init__(self):
@@ -46,9 +50,6 @@ class GuestPlatform:
         with open("/dev/urandom", "wb") as f:
             fcntl.ioctl(f, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
             fcntl.ioctl(f, RNDRESEEDCRNG)
-
-    def protect_proc(self, proc_dir: str) -> None:
-        pass  # the guest's /proc shows the guest's kernel; the spec's masks apply
 
     def online_cpu_mem(self, cpus: int, memory_mib: int) -> None:
         from . import hotplug

@@ -33,6 +33,9 @@ class HostPlatform:
     from the host kernel's knobs in /proc (runc's masks, whatever the spec says)."""
 
     cgroup_namespace = False
+    # Masked and read-only whatever the spec says (rootfs.protect_paths).
+    masked_paths = tuple("/proc/" + name for name in PROC_MASKED)
+    readonly_paths = tuple("/proc/" + name for name in PROC_READONLY)
 
     def __init__(self, share_dir: str, cgroups: dict):
         self.cgroups = HostCgroups(cgroups)
@@ -47,9 +50,6 @@ class HostPlatform:
     def reseed(self, data: bytes) -> None:
         pass  # the host's kernel RNG is not ours to reseed
 
-    def protect_proc(self, proc_dir: str) -> None:
-        protect_proc(proc_dir)
-
     def online_cpu_mem(self, cpus: int, memory_mib: int) -> None:
         pass  # the host's CPUs and memory: the sandbox's cgroups cap them
 
@@ -58,23 +58,6 @@ class HostPlatform:
 
     setup_routes = setup_interface
 
-    def power_off(self) -> None:
-        pass
-
-
-def protect_proc(proc: str) -> None:
-    """Make the host kernel's knobs in a container's /proc read-only or invisible."""
-    for name in PROC_READONLY:
-        path = os.path.join(proc, name)
-        if os.path.exists(path):
-            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
-            sc.mount(None, path, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
-    for name in PROC_MASKED:
-        path = os.path.join(proc, name)
-        if os.path.isdir(path):
-            sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY)
-        elif os.path.exists(path):
-            sc.mount("/dev/null", path, None, sc.MS_BIND)
 
 
 def become_namespace_init() -> None:

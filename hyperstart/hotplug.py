@@ -3,6 +3,7 @@ and memory it was told to ignore (mem=) added through the probe interface and on
 The VM has both from the start; the host asks for them as a pod's containers come."""
 import os
 
+from .cgroups import write_file
 from .errors import FailedPrecondition
 
 CPU = "/sys/devices/system/cpu"
@@ -18,7 +19,7 @@ def online_cpus(target: int) -> int:
         if len(online) >= target:
             break
         if cpu not in online:
-            _write(os.path.join(CPU, f"cpu{cpu}", "online"), "1")
+            write_file(os.path.join(CPU, f"cpu{cpu}", "online"), "1")
             online.append(cpu)
     if len(online) < target:
         raise FailedPrecondition(f"the VM has {len(cpus)} CPUs, not {target}")
@@ -43,8 +44,8 @@ def online_memory(target_mib: int) -> int:
     index = blocks[-1] + 1 if blocks else 0
     while online * block < target_mib << 20:
         try:
-            _write(os.path.join(MEMORY, "probe"), hex(index * block))
-            _write(os.path.join(MEMORY, f"memory{index}", "state"), "online")
+            write_file(os.path.join(MEMORY, "probe"), hex(index * block))
+            write_file(os.path.join(MEMORY, f"memory{index}", "state"), "online")
         except OSError as e:
             raise FailedPrecondition(f"cannot add memory block {index}: {e.strerror} "
                                      f"(the VM has {online * block >> 20} MiB)") from None
@@ -59,8 +60,3 @@ def _state(index: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)

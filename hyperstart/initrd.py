@@ -21,11 +21,12 @@ PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib
             "libseccomp2"]
 # Loaded by the agent with ctypes (dlopen), so ldd of the interpreter does not find it.
 DLOPENED = ["libseccomp.so.2"]
+HERE = os.path.dirname(os.path.abspath(__file__))
 # The agent's modules: everything in hyperstart but the host-only ones.
-AGENT_FILES = ["__init__.py", "protocol.py", "typed.py", "messages.py", "errors.py", "states.py",
-               "syscalls.py", "model.py", "rootfs.py", "security.py", "seccomp.py", "spawn.py",
-               "cgroups.py", "commands.py", "agent.py", "network.py", "hotplug.py", "guest.py"]
-# Imported lazily by the agent (in children, or on error paths), so named explicitly.
+HOST_ONLY = ("hostagent.py", "initrd.py")
+AGENT_FILES = sorted(f for f in os.listdir(HERE) if f.endswith(".py") and f not in HOST_ONLY)
+# Modules the agent may import lazily (in children, on error paths): named so that the
+# initrd has them however the agent's start-up imports them.
 EXTRA_MODULES = ["resource", "traceback", "warnings", "encodings.utf_8", "encodings.latin_1",
                  "encodings.ascii"]
 BUSYBOX_APPLETS = ["sh", "ls", "cat", "mount", "reboot", "poweroff", "ps", "dmesg", "ip"]
@@ -38,8 +39,6 @@ guest_main()
 """
 # A trivial init for the benchmark's raw boot floor: boot, then reboot (QEMU exits).
 FLOOR_INIT = "#!/bin/busybox sh\n/bin/busybox reboot -f\n"
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def package_versions() -> str:
@@ -121,8 +120,11 @@ def build(output: str) -> None:
             shutil.copy2(os.path.join(HERE, name), os.path.join(stage, "lib/runv/hyperstart", name))
         files = module_files(os.path.join(stage, "lib/runv"))
         files.append("/usr/lib/python3.11/os.py")  # the landmark that tells Python its prefix
-        binaries = [GUEST_PYTHON] + [f for f in files if f.endswith(".so")] + dlopened_libraries()
-        libs = set(binaries[1:]) | {lib for b in binaries for lib in shared_libraries(b)}
+        dlopened = dlopened_libraries()
+        binaries = [GUEST_PYTHON] + [f for f in files if f.endswith(".so")] + dlopened
+        # The extension modules are in files already; the libraries they and Python need
+        # (and the dlopened ones, which nothing links) are added.
+        libs = set(dlopened) | {lib for b in binaries for lib in shared_libraries(b)} - set(files)
         for path in [GUEST_PYTHON, *files, *sorted(libs)]:
             copy_into(stage, path)
         os.symlink("lib", os.path.join(stage, "lib64")) if not os.path.exists(

@@ -7,6 +7,7 @@ import struct
 import _socket as socket
 
 from .errors import Internal, NotFound
+from .spawn import read_all
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -35,13 +36,10 @@ def ip(*args: str) -> None:
         finally:
             os._exit(127)
     os.close(write_end)
-    chunks = []
-    while chunk := os.read(read_end, 4096):
-        chunks.append(chunk)
-    os.close(read_end)
+    said = read_all(read_end)
     _, status = os.waitpid(pid, 0)
     if status != 0:
-        raise Internal(f"ip {' '.join(args)}: {b''.join(chunks).decode(errors='replace').strip()}")
+        raise Internal(f"ip {' '.join(args)}: {said.decode(errors='replace').strip()}")
 
 
 def device_by_mac(mac: str) -> str:

@@ -81,7 +81,7 @@ def secure_join(root: str, path: str) -> str:
     raise InvalidArgument(f"too many symlinks in {path}")
 
 
-def setup_rootfs(request: m.NewContainer, root: str, share_dir: str, platform) -> None:
+def setup_rootfs(request: m.NewContainer, root: str, share_dir: str) -> None:
     """In the container's init: mount its filesystems and make its root the root (the
     masked and read-only paths come later, after the sysctls: protect_paths)."""
     propagation = PROPAGATION.get(request.rootfs_propagation or "rslave")
@@ -121,13 +121,11 @@ def setup_rootfs(request: m.NewContainer, root: str, share_dir: str, platform) -
 
 def protect_paths(request: m.NewContainer, platform) -> None:
     """In the container (after the move and the sysctls): masked and read-only paths,
-    and what the platform hides of its kernel's /proc whatever the spec says."""
-    for path in request.masked_paths:
+    the spec's and the platform's (what it hides of its kernel whatever the spec says)."""
+    for path in (*request.masked_paths, *platform.masked_paths):
         mask_path(path)
-    for path in request.readonly_paths:
+    for path in (*request.readonly_paths, *platform.readonly_paths):
         readonly_path(path)
-    if os.path.ismount("/proc"):
-        platform.protect_proc("/proc")
 
 
 def _mount_point(path: str) -> str:
@@ -176,7 +174,7 @@ def mount_one(root: str, mnt: m.Mount, share_dir: str) -> None:
     source = mnt.source or kind
     if mnt.shared:
         source = os.path.join(share_dir, source)
-    if "bind" in mnt.options or "rbind" in mnt.options or kind == "bind":
+    if flags & sc.MS_BIND or kind == "bind":
         flags |= sc.MS_BIND
         if not os.path.exists(target):
             if os.path.isdir(source):

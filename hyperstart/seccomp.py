@@ -89,9 +89,10 @@ def conditions(args: list) -> list:
     return [cmps]
 
 
-def load(profile: dict, compile_only: bool = False) -> None:
-    """Compile ``profile`` (OCI linux.seccomp) and load it into this process (or only
-    check that it compiles)."""
+def build(profile: dict) -> int:
+    """Compile ``profile`` (OCI linux.seccomp) into a libseccomp filter context, to
+    ``install`` later. The context is never released: the process that builds it
+    installs it and execs (or exits), which frees it."""
     lib = _library()
     default = action(profile.get("defaultAction", ""), profile.get("defaultErrnoRet"))
     ctx = lib.seccomp_init(default)
@@ -122,10 +123,15 @@ def load(profile: dict, compile_only: bool = False) -> None:
                     array = (ArgCmp * len(cmps))(*cmps)
                     _check(lib.seccomp_rule_add_array(ctx, act, nr, len(cmps), array),
                            f"rule for {name}")
-        if not compile_only:
-            _check(lib.seccomp_load(ctx), "loading the filter")
-    finally:
+    except BaseException:
         lib.seccomp_release(ctx)
+        raise
+    return ctx
+
+
+def install(ctx: int) -> None:
+    """Load a filter from ``build`` into this process."""
+    _check(_library().seccomp_load(ctx), "loading the filter")
 
 
 def _check(result: int, what: str) -> None:

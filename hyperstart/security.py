@@ -24,7 +24,6 @@ PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
-SYS_CAPSET = 126                 # x86_64
 CAP_VERSION_3 = 0x20080522
 
 # Sysctls that belong to a namespace the container has of its own (runc's list).
@@ -34,25 +33,31 @@ NAMESPACED_SYSCTLS = ("kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel
 NAMESPACED_PREFIXES = ("fs.mqueue.", "net.")
 
 
-def last_cap() -> int:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return len(CAPABILITIES) - 1
+_known: dict = {}  # name -> number, for the capabilities this kernel has (read once)
+
+
+def known_capabilities() -> dict:
+    if not _known:
+        try:
+            with open("/proc/sys/kernel/cap_last_cap") as f:
+                last = int(f.read())
+        except (OSError, ValueError):
+            last = len(CAPABILITIES) - 1
+        _known.update((name, i) for i, name in enumerate(CAPABILITIES[:last + 1]))
+    return _known
 
 
 def cap_numbers(names) -> set:
     """Capability numbers of ``names`` (CAP_X or X); unknown ones are left out, as runc
     leaves out capabilities this kernel does not have."""
-    known = {name: i for i, name in enumerate(CAPABILITIES[:last_cap() + 1])}
+    known = known_capabilities()
     return {known[n.upper().removeprefix("CAP_")] for n in names or []
             if n.upper().removeprefix("CAP_") in known}
 
 
 def drop_bounding_set(keep) -> None:
     wanted = cap_numbers(keep)
-    for number in range(last_cap() + 1):
+    for number in range(len(known_capabilities())):
         if number not in wanted:
             sc.prctl(PR_CAPBSET_DROP, number)
 
@@ -73,11 +78,7 @@ def capset(effective: set, permitted: set, inheritable: set) -> None:
         for cap in caps:
             word = data[cap // 32]
             setattr(word, field, getattr(word, field) | (1 << (cap % 32)))
-    header = _Header(CAP_VERSION_3, 0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(SYS_CAPSET, ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
+    sc.capset(_Header(CAP_VERSION_3, 0), data)
 
 
 def switch_user(user, caps) -> None:
@@ -127,11 +128,3 @@ def set_sysctls(sysctls: dict) -> None:
                 f.write(str(value))
         except OSError as e:
             raise InvalidArgument(f"sysctl {key}={value}: {e.strerror}") from None
-
-
-def set_domainname(name: str) -> None:
-    raw = name.encode()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setdomainname(raw, len(raw)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setdomainname: {os.strerror(err)}")

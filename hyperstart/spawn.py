@@ -148,10 +148,9 @@ class Spawner:
                         signal.SIGHUP, signal.SIGQUIT, signal.SIGXFSZ):
                 signal.signal(sig, signal.SIG_DFL)
             if init:
-                rootfs.setup_rootfs(request, container.root, self.platform.share_dir,
-                                    self.platform)
+                rootfs.setup_rootfs(request, container.root, self.platform.share_dir)
                 if request.domainname:
-                    security.set_domainname(request.domainname)
+                    sc.setdomainname(request.domainname)
                 security.set_sysctls(request.sysctl)
                 rootfs.protect_paths(request, self.platform)
             os.setsid()
@@ -168,9 +167,12 @@ class Spawner:
             if spec.no_new_privileges:
                 sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
             if profile is not None:
-                # Without no_new_privs the filter needs CAP_SYS_ADMIN: load it while
-                # still root; with it, compile now (errors surface here) and load last.
-                seccomp_filter.load(profile, compile_only=spec.no_new_privileges)
+                # Compiled here, where errors still reach the host. Without no_new_privs
+                # the filter needs CAP_SYS_ADMIN: loaded at once, while still root; with
+                # it, loaded last, before exec.
+                seccomp_ctx = seccomp_filter.build(profile)
+                if not spec.no_new_privileges:
+                    seccomp_filter.install(seccomp_ctx)
             security.switch_user(spec.user, caps)
             os.chdir(spec.cwd or "/")
             env = dict(e.split("=", 1) for e in spec.env if "=" in e)
@@ -189,7 +191,7 @@ class Spawner:
             os.close(gate_r)
         try:
             if profile is not None and spec.no_new_privileges:
-                seccomp_filter.load(profile)  # the last thing before exec
+                seccomp_filter.install(seccomp_ctx)  # the last thing before exec
             os.execvpe(args[0], args, env)
         except FileNotFoundError:
             code, why = 127, "executable file not found in $PATH" if "/" not in args[0] \

@@ -13,6 +13,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+SYS_CAPSET = 126                 # x86_64
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -82,6 +83,16 @@ def setns(fd: int, nstype: int = 0) -> None:
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_libc.sethostname(raw, len(raw)), "sethostname")
+
+
+def setdomainname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.setdomainname(raw, len(raw)), "setdomainname")
+
+
+def capset(header, data) -> None:
+    """capset(2), which libc does not wrap: ``header`` and ``data`` are its structures."""
+    _check(_libc.syscall(SYS_CAPSET, ctypes.byref(header), data), "capset")
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Dict, List, Optional
 
-from ..hyperstart.cgroups import remove_tree, v1_cgroup_dirs, write_file
+from ..hyperstart.cgroups import remove_tree, v1_cgroup_dirs, v1_mounts, write_file
 
 log = logging.getLogger("runv_py.host.cgroups")
 
@@ -55,10 +55,9 @@ class HostCgroup:
         if is_v2():
             base = UNIFIED if path.startswith("/") else _own_v2()
             return cls([os.path.normpath(os.path.join(base, path.lstrip("/")))])
-        mounts = v1_cgroup_dirs(V1_CONTROLLERS)
-        roots = _v1_roots(V1_CONTROLLERS)
+        roots = v1_mounts(V1_CONTROLLERS)
         dirs = []
-        for controller, own in mounts.items():
+        for controller, own in v1_cgroup_dirs(V1_CONTROLLERS, roots).items():
             base = roots[controller] if path.startswith("/") else own
             target = os.path.normpath(os.path.join(base, path.lstrip("/")))
             if target not in dirs:
@@ -89,12 +88,11 @@ class HostCgroup:
     @staticmethod
     def rejoin(proc_cgroup_lines: list) -> None:
         """Move this process back to the cgroups /proc/self/cgroup said it was in."""
-        v1 = v1_cgroup_dirs(V1_CONTROLLERS)
-        roots = _v1_roots(V1_CONTROLLERS)
+        roots = v1_mounts(V1_CONTROLLERS)
         for line in proc_cgroup_lines:
             _, names, path = line.split(":", 2)
             targets = [os.path.join(roots[n], path.lstrip("/")) for n in names.split(",")
-                       if n in v1 and n in roots] if names else \
+                       if n in roots] if names else \
                 [os.path.join(UNIFIED, path.lstrip("/"))] if is_v2() else []
             for target in targets:
                 try:
@@ -134,19 +132,6 @@ def _limit_files(path: str, memory, quota, period) -> Dict[str, str]:
             files["cpu.cfs_period_us"] = str(period)
             files["cpu.cfs_quota_us"] = str(quota)
     return files
-
-
-def _v1_roots(controllers) -> Dict[str, str]:
-    roots = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] == "cgroup":
-                for opt in fields[sep + 3].split(","):
-                    if opt in controllers:
-                        roots.setdefault(opt, fields[4])
-    return roots
 
 
 def _own_v2() -> str:

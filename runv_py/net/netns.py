@@ -1,16 +1,15 @@
 """Working inside a network namespace named by a path (/var/run/netns/cni-..., or a
 /proc/PID/ns/net): iproute2's commands run there through nsenter, and a thread can step
 in for the system calls that must be made there (opening a tap)."""
-import ctypes
 import json
 import os
 import subprocess
 import threading
 from typing import Callable, List
 
+from ..hyperstart import syscalls as sc
 from ..hyperstart.errors import Internal, InvalidArgument
 
-CLONE_NEWNET = 0x40000000
 COMMAND_TIMEOUT = 30
 
 
@@ -46,12 +45,9 @@ def inside(netns: str, fn: Callable):
     box: List = []
 
     def body():
-        libc = ctypes.CDLL(None, use_errno=True)
         target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if libc.setns(target, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+            sc.setns(target, sc.CLONE_NEWNET)
             box.append((True, fn()))
         except BaseException as e:  # handed back to the caller
             box.append((False, e))
