@@ -35,11 +35,10 @@ import sysconfig
 import tempfile
 import time
 
-from common import make_bundle, median
+from common import REPO, RUNV, make_bundle, median
 
 from runv_py.shim.records import Record
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEFORE = "99a2f1e"  # the CLI before its fast path
 CONSOLE_SCRIPT = """#!{python}
 # -*- coding: utf-8 -*-
@@ -133,8 +132,7 @@ def variants(workdir: str, before: str):
     if os.path.isfile(script):
         out.append(("console script", [script], env))
     out.append(("python3 -m runv_py.cli", [python, "-m", "runv_py.cli"], env))
-    out.append(("python3 -S launch.py",
-                [python, "-S", os.path.join(REPO, "runv_py", "cli", "launch.py")], env))
+    out.append(("python3 -S launch.py", RUNV, env))
     # pyenv runs python3 with its version's bin first on PATH: look past it too.
     for directory in dict.fromkeys(os.environ.get("PATH", "").split(os.pathsep)):
         on_path = os.path.join(directory or ".", "runv-py")

@@ -11,34 +11,18 @@ times, interleaved round by round; medians, with the ratio to runc.
 import argparse
 import os
 import shutil
-import subprocess
 import tempfile
-import time
 import uuid
 
-from common import RUNV, bundle, have_runc, median
+from common import RUNV, bundle, have_runc, median, timed
 
-from runv_py.compare.measure import MARKS, SEQ_MB, SMALL_FILES, derived_bundle, parse_marks, work_script
+from runv_py.compare.measure import derived_bundle, parse_marks, work_script, workload_figures
 from runv_py.compare.runtimes import Runtime
 
-MEASURES = [("seq_write", "sequential write", "MB/s"), ("seq_read", "sequential read", "MB/s"),
-            ("small_files", "small-file create+delete", "ops/s"),
-            ("find", "find over the tree", "s"), ("tar_x", "tar x of the archive", "MB/s")]
-
-
-def io_figures(marks: list, tar_mb: int) -> dict:
-    d = [max(marks[k + 1] - marks[k], 1e-6) for k in range(MARKS - 1)]
-    return {"seq_write": SEQ_MB / d[0], "seq_read": SEQ_MB / d[1],
-            "small_files": 2 * SMALL_FILES / d[2], "find": d[6], "tar_x": tar_mb / d[7]}
-
-
-def timed(cmd: list) -> float:
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, timeout=120)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.decode()[-300:]}")
-    return time.perf_counter() - t0
+MEASURES = [("seq_write_mbps", "sequential write", "MB/s"),
+            ("seq_read_mbps", "sequential read", "MB/s"),
+            ("small_file_ops", "small-file create+delete", "ops/s"),
+            ("find_tree_s", "find over the tree", "s"), ("tar_x_mbps", "tar x of the archive", "MB/s")]
 
 
 def main() -> None:
@@ -65,16 +49,17 @@ def main() -> None:
                 r = rt.run(script, f"io-{uuid.uuid4().hex[:8]}", timeout=900)
                 if r.returncode != 0:
                     raise RuntimeError(f"{rt.name}: {r.stderr.decode()[-300:]}")
-                for key, value in io_figures(parse_marks(r.stdout.decode()), args.tar_mb).items():
-                    io[rt.name][key].append(value)
+                figures = workload_figures(parse_marks(r.stdout.decode()), args.tar_mb)
+                for key, _, _ in MEASURES:
+                    io[rt.name][key].append(figures[key])
             print(f"I/O round {i + 1}/{args.runs}", flush=True)
         for rt in runtimes:  # CLI latency on one idle container per runtime
             cid = f"io-idle-{uuid.uuid4().hex[:6]}"
             rt.start_detached(idle, cid, timeout=120)
             try:
                 for _ in range(args.runs):
-                    latency[rt.name]["state"].append(timed(rt.cmd("state", cid)))
-                    latency[rt.name]["exec"].append(timed(rt.cmd("exec", cid, "true")))
+                    latency[rt.name]["state"].append(timed(rt.cmd("state", cid), timeout=120))
+                    latency[rt.name]["exec"].append(timed(rt.cmd("exec", cid, "true"), timeout=120))
             finally:
                 rt.delete(cid)
     finally:

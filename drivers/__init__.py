@@ -20,6 +20,22 @@ class DriverError(Unavailable):
     """No usable driver, or the driver could not start (or reach) a VM."""
 
 
+def terminate(proc, timeout: float = 3.0) -> None:
+    """End a child process: SIGTERM, SIGKILL if it is still there after ``timeout``."""
+    import subprocess
+    if proc.poll() is not None:
+        return
+    try:
+        proc.terminate()
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 def kvm_verdict() -> tuple:
     """(usable, reason): can /dev/kvm run the stock guest kernel here?"""
     if not os.path.exists("/dev/kvm"):

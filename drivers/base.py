@@ -11,7 +11,8 @@ from typing import Optional, Protocol, Tuple
 
 class VM(Protocol):
     pid: int
-    share_tag: str             # the 9p tag of the sandbox's share ("": nothing to mount)
+    share_tag: str             # the tag of the sandbox's share ("": nothing to mount)
+    share_kind: str            # how the guest mounts it: "9p" or "virtiofs"
     network_in_guest: bool     # a pod's network must be set up by the agent
 
     def channels(self) -> Tuple:
@@ -51,7 +52,6 @@ class Network(Protocol):
 
 class Driver(Protocol):
     name: str
-    kind: str                  # "vm" (a real VM) or "namespace" (the host's kernel)
     supports_templates: bool
 
     def describe(self) -> dict: ...

@@ -23,7 +23,7 @@ import sys
 
 from ..hyperstart import syscalls as sc
 from ..hyperstart.cgroups import remove_tree, v1_cgroup_dirs
-from . import DriverError
+from . import DriverError, terminate
 
 log = logging.getLogger("runv_py.drivers.namespace")
 
@@ -32,7 +32,6 @@ CGROUP_PARENT = "runv-py"
 
 
 class NamespaceDriver:
-    kind = "namespace"
     name = "namespace"
     supports_templates = False
 
@@ -61,6 +60,7 @@ class NamespaceVM:
     """The agent process tree standing in for a VM, and what it holds on the host."""
 
     share_tag = ""            # the share is the host directory itself
+    share_kind = ""           # (nothing to mount)
     network_in_guest = False  # the agent joined the pod's network namespace itself
 
     def __init__(self, name: str, workdir: str, share_dir: str):
@@ -190,10 +190,7 @@ class NamespaceVM:
                     self._freeze("THAWED")  # a frozen launcher cannot act on SIGTERM
                 except OSError:
                     pass
-            self.process.send_signal(signal.SIGTERM)
-            if self.wait(timeout) is None:
-                self.process.kill()
-                self.wait(timeout)
+            terminate(self.process, timeout)
         for path in self.cgroups.values():
             if not remove_tree(path):
                 log.warning("cannot remove cgroup %s", path)

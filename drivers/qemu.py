@@ -14,7 +14,7 @@ import subprocess
 import time
 
 from ..hyperstart import syscalls
-from . import DriverError, virtiofs
+from . import DriverError, terminate, virtiofs
 
 log = logging.getLogger("runv_py.drivers.qemu")
 
@@ -51,8 +51,13 @@ def _die_with_parent() -> None:
     syscalls.die_with_parent(signal.SIGKILL)
 
 
+# The TCG translation cache, in MiB. QEMU 7.2 reserves 1 GiB by default and a small
+# guest filled about 46 MiB of it; 32 MiB holds an idle guest's hot code without
+# retranslating (bench/density.py measures the cut).
+TB_SIZE_MIB = int(os.environ.get("RUNV_TB_SIZE", "32"))
+
+
 class QemuDriver:
-    kind = "vm"
     supports_templates = True
 
     def __init__(self, qemu: str, accel: str, reason: str):
@@ -84,7 +89,7 @@ class QemuDriver:
                 shared_memory: bool = False, incoming: bool = False, nics=()) -> list:
         machine = "microvm,acpi=off,rtc=on,pit=on,pic=on,isa-serial=on"
         accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else \
-                ["-accel", "tcg,thread=multi"]
+                ["-accel", f"tcg,thread=multi,tb-size={TB_SIZE_MIB}"]
         cmd = [self.qemu, "-name", f"runv-py:{name}", *accel,
                "-smp", str(max(config.cpus, config.max_cpus)),
                "-m", f"{max(config.memory_mib, config.max_memory_mib)}M",
@@ -101,6 +106,9 @@ class QemuDriver:
                "-device", "virtserialport,chardev=stream,name=sh.hyper.channel.1",
                "-object", "rng-random,id=rng0,filename=/dev/urandom",
                "-device", "virtio-rng-device,rng=rng0",
+               # The guest reports the memory it frees (the unpacked initramfs archive,
+               # dropped caches) and QEMU gives it back to the host.
+               "-device", "virtio-balloon-device,free-page-reporting=on",
                "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off"]
         if share_kind(config, memory_file) == "virtiofs":
             args, memory_option = virtiofs.qemu_args(
@@ -113,7 +121,8 @@ class QemuDriver:
                     "-device", f"virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}"]
         if memory_file:
             # Guest RAM in a file: shared by a template, a private copy-on-write map for a clone.
-            cmd += ["-object", f"memory-backend-file,id=mem0,size={config.memory_mib}M,"
+            size = max(config.memory_mib, config.max_memory_mib)  # as -m: room to grow too
+            cmd += ["-object", f"memory-backend-file,id=mem0,size={size}M,"
                                f"mem-path={memory_file},share={'on' if shared_memory else 'off'}"]
             machine += ",memory-backend=mem0"
         for i, nic in enumerate(nics):
@@ -126,8 +135,11 @@ class QemuDriver:
         return cmd
 
     def launch(self, config, workdir: str, name: str, share_dir: str, memory_file: str = "",
-               shared_memory: bool = False, incoming: bool = False, network=None) -> "QemuVM":
-        """Start QEMU for ``config`` in ``workdir``; returns at once (the guest boots)."""
+               shared_memory: bool = False, incoming: bool = False, network=None,
+               detached: bool = False) -> "QemuVM":
+        """Start QEMU for ``config`` in ``workdir``; returns at once (the guest boots).
+        A ``detached`` VM (the node factory's) does not die with the launching thread:
+        its owner changes after it has booted."""
         for path, what in ((config.kernel, "guest kernel"), (config.initrd, "initrd")):
             if not os.path.isfile(path):
                 raise DriverError(f"{what} {path} not found (run 'runv-py setup' or pass "
@@ -142,7 +154,8 @@ class QemuDriver:
         if share != config.share:
             log.info("%s shares over 9p, not virtio-fs: its RAM is a template's file, and "
                      "vhost-user cannot serve a clone's private copy of it", name)
-        vfsd = virtiofs.start(os.path.abspath(share_dir), workdir) if share == "virtiofs" else None
+        vfsd = virtiofs.start(os.path.abspath(share_dir), workdir, detached) \
+            if share == "virtiofs" else None
         try:
             nics = network.attach() if network is not None else []
             cmd = self.command(config, name, os.path.abspath(share_dir), memory_file,
@@ -151,7 +164,8 @@ class QemuDriver:
             with open(os.path.join(workdir, QEMU_LOG), "wb") as qlog:
                 try:
                     proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL,
-                                            stdout=qlog, stderr=qlog, preexec_fn=_die_with_parent,
+                                            stdout=qlog, stderr=qlog,
+                                            preexec_fn=None if detached else _die_with_parent,
                                             start_new_session=True,
                                             pass_fds=[n.fd for n in nics])
                 except OSError as e:
@@ -161,7 +175,7 @@ class QemuDriver:
                         network.close_fds()
         except BaseException:
             if vfsd is not None:
-                virtiofs.stop(vfsd)
+                terminate(vfsd)
             raise
         if incoming:
             # A clone is driven over QMP at once: load the client while QEMU starts.
@@ -185,6 +199,19 @@ class QemuVM:
         self.virtiofsd = virtiofsd
         self._dirfd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
         self._qmp = None
+
+    @classmethod
+    def adopt(cls, driver: QemuDriver, qemu_pid: int, workdir: str, share_kind: str,
+              virtiofsd_pid: int = 0) -> "QemuVM":
+        """A VM another process launched (the node factory), watched through pidfds."""
+        from .adopted import Adopted
+        vfsd = Adopted(virtiofsd_pid) if virtiofsd_pid else None
+        try:
+            return cls(driver, Adopted(qemu_pid), workdir, share_kind, vfsd)
+        except BaseException:
+            if vfsd is not None:
+                vfsd.kill()
+            raise
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
@@ -224,7 +251,7 @@ class QemuVM:
         qemu_log = self.read_tail(QEMU_LOG, 1000).strip()
         if qemu_log:
             parts.append(f"QEMU said: {qemu_log}")
-        virtiofsd_log = virtiofs.log_tail(self.workdir) if self.virtiofsd is not None else ""
+        virtiofsd_log = self.read_tail(virtiofs.LOG, 1000).strip() if self.virtiofsd else ""
         if virtiofsd_log:
             parts.append(f"virtiofsd said: {virtiofsd_log}")
         console = self.console_tail()
@@ -324,16 +351,9 @@ class QemuVM:
 
     def stop(self, timeout: float = 3.0) -> None:
         """Stop QEMU: SIGTERM (QEMU exits cleanly at once), SIGKILL if it lingers."""
-        if self.alive():
-            try:
-                self.process.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            if self.wait(timeout) is None:
-                self.process.kill()
-                self.wait(timeout)
+        terminate(self.process, timeout)
         if self.virtiofsd is not None:
-            virtiofs.stop(self.virtiofsd)
+            terminate(self.virtiofsd, timeout)
         self.close()
 
     def close(self) -> None:

@@ -33,12 +33,13 @@ def qemu_args(tag: str, memory_mib: int) -> tuple:
             ",memory-backend=mem0")
 
 
-def start(share_dir: str, workdir: str) -> subprocess.Popen:
+def start(share_dir: str, workdir: str, detached: bool = False) -> subprocess.Popen:
     """Start virtiofsd serving ``share_dir`` on ``workdir``/vfs.sock, a socket bound here
     and handed over with --fd: QEMU may connect at once (the connection waits in the
     backlog until virtiofsd accepts it). With --socket-path virtiofsd would also take a
     lock named after that path, which a relative path would make common to all VMs, and
-    an absolute one can pass the 107 bytes a socket path may have."""
+    an absolute one can pass the 107 bytes a socket path may have. A ``detached``
+    virtiofsd (the node factory's) does not die with its launcher."""
     import socket
     if not available():
         raise DriverError(f"{VIRTIOFSD} not found (apt-get install qemu-system-common), "
@@ -61,27 +62,9 @@ def start(share_dir: str, workdir: str) -> subprocess.Popen:
                  "-o", "sandbox=chroot", "-o", "cache=auto", "-o", "log_level=warn"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 pass_fds=(listener.fileno(),),
-                preexec_fn=lambda: syscalls.die_with_parent(signal.SIGKILL))
+                preexec_fn=None if detached else
+                lambda: syscalls.die_with_parent(signal.SIGKILL))
     except OSError as e:
         raise DriverError(f"cannot start virtiofsd: {e}") from None
     finally:
         listener.close()  # virtiofsd holds it now
-
-
-def log_tail(workdir: str, size: int = 1000) -> str:
-    """What virtiofsd said (for a VM that failed to come up)."""
-    try:
-        with open(os.path.join(workdir, LOG), errors="replace") as f:
-            return f.read()[-size:].strip()
-    except OSError:
-        return ""
-
-
-def stop(proc: subprocess.Popen, timeout: float = 3.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)

@@ -279,6 +279,7 @@ class SetupInterface:
     new_device_name: str
     ip_addresses: list[IpAddress] = []
     mtu: int = 1500
+    mac: str = ""          # a MAC to take first (a pooled VM's NIC becomes the veth's)
 
 
 @message(code=p.SETUPROUTE)

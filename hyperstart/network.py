@@ -60,6 +60,9 @@ def setup_interface(msg) -> None:
         ip("link", "set", "dev", name, "down")
         ip("link", "set", "dev", name, "name", msg.new_device_name)
         name = msg.new_device_name
+    if msg.mac and msg.mac.lower() != msg.device.lower():
+        ip("link", "set", "dev", name, "down")
+        ip("link", "set", "dev", name, "address", msg.mac)
     ip("link", "set", "dev", name, "mtu", str(msg.mtu))
     for address in msg.ip_addresses:
         ip("addr", "add", f"{address.ip_address}/{address.net_mask}", "dev", name)

@@ -103,14 +103,25 @@ def reboot(cmd: int) -> None:
     _check(_libc.reboot(cmd), "reboot")
 
 
-def private_mount_namespace() -> None:
+def private_mount_namespace(keep_shared: str = "") -> None:
     """Move this process into a new mount namespace that shares no mount events.
 
     Mounts made afterwards exist only here (and in children), and vanish when the last
-    process in the namespace exits: nothing can leak onto the host.
+    process in the namespace exits: nothing can leak onto the host. Except below
+    ``keep_shared``, a shared mount whose events keep reaching the host's (the node
+    factory's VMs, whose QEMU runs there; the factory removes what a dead owner left).
     """
     unshare(CLONE_NEWNS)
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    if not keep_shared:
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        return
+    keep = os.path.abspath(keep_shared).rstrip("/")
+    for point in reversed(mounts_below("/", include_self=True)):
+        if point != keep and not point.startswith(keep + "/"):
+            try:
+                mount(None, point, None, MS_PRIVATE)
+            except OSError:
+                pass  # a mount hidden under another one: nothing can be mounted on it
 
 
 def die_with_parent(sig: int) -> None:

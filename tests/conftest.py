@@ -2,7 +2,7 @@
 
 VM tests drive the real `runv-py` command against real QEMU with the installed guest
 kernel and initrd; every one of them carries a timeout and is checked for leaks (QEMU
-processes, state directories, mounts) after it ends, failed or not.
+and virtiofsd processes, state directories, mounts) after it ends, failed or not.
 """
 import json
 import os
@@ -14,10 +14,16 @@ import uuid
 
 import pytest
 
+from runv_py import paths
 from runv_py.oci.busybox import make_bundle
 
-KERNEL = os.environ.get("RUNV_KERNEL", "/var/lib/runv-py/kernel")
-INITRD = os.environ.get("RUNV_INITRD", "/var/lib/runv-py/initrd.img")
+# The node factory serves the default runv-py; the suite runs VMs the shims boot
+# themselves (its leak checks find each QEMU by the container id in its -name), and
+# test_node_factory.py runs private factories.
+os.environ["RUNV_FACTORY"] = "off"
+
+KERNEL = os.environ.get("RUNV_KERNEL", paths.KERNEL)
+INITRD = os.environ.get("RUNV_INITRD", paths.INITRD)
 
 
 def qemu_pids(tag: str) -> list:
@@ -25,6 +31,25 @@ def qemu_pids(tag: str) -> list:
     out = subprocess.run(["pgrep", "-f", f"qemu-system.*runv-py:[^ ]*{tag}"],
                          capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
+
+
+def virtiofsd_pids(tag: str) -> list:
+    """Pids of virtiofsd processes serving a share whose path carries ``tag``."""
+    out = subprocess.run(["pgrep", "-f", f"virtiofsd.*{tag}"], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def vm_pids(tag: str) -> list:
+    """What a VM whose name carries ``tag`` runs on the host: QEMU and virtiofsd."""
+    return qemu_pids(tag) + virtiofsd_pids(tag)
+
+
+def wait_vms_gone(*tags: str, timeout: float = 5) -> list:
+    """Wait until no QEMU or virtiofsd of ``tags`` is left; returns the pids that are."""
+    deadline = time.monotonic() + timeout
+    while any(vm_pids(t) for t in tags) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for t in tags for pid in vm_pids(t)]
 
 
 class Runv:
@@ -79,16 +104,13 @@ def runv(tmp_path):
     # then check that nothing leaked: no QEMU, no state directory, no mount.
     for cid in os.listdir(root) if os.path.isdir(root) else []:
         r("delete", "--force", cid, timeout=60)
-    deadline = time.monotonic() + 5
-    while qemu_pids(tag) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    leaked = qemu_pids(tag)
+    leaked = wait_vms_gone(tag)
     for pid in leaked:
         os.kill(pid, 9)
     left = os.listdir(root) if os.path.isdir(root) else []
     with open("/proc/self/mountinfo") as f:
         mounts = [line for line in f if root in line]
-    assert not leaked, f"QEMU processes leaked: {leaked}"
+    assert not leaked, f"QEMU or virtiofsd processes leaked: {leaked}"
     assert not [d for d in left if tag in d], f"state directories leaked: {left}"
     assert not mounts, f"mounts leaked: {mounts}"
 
@@ -116,3 +138,30 @@ def bundle(tmp_path):
                 json.dump(spec, f)
         return path
     return make
+
+
+def shm_files(template_dir: str) -> list:
+    """The template's memory file in /dev/shm, if it is there."""
+    from runv_py.vm import template
+    memory = template.memory_file_for(template_dir)
+    return [memory] if os.path.exists(memory) else []
+
+
+@pytest.fixture(scope="module")
+def cli_template(tmp_path_factory):
+    """A template made with `runv-py manage create-template`, removed afterwards (and
+    a second removal refused)."""
+    tdir = str(tmp_path_factory.mktemp("tpl") / "template")
+    base = [sys.executable, "-m", "runv_py.cli", "--kernel", KERNEL, "--initrd", INITRD,
+            "--template", tdir, "manage"]
+    r = subprocess.run(base + ["create-template", "--mem", "256"], capture_output=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["memory_mib"] == 256
+    assert shm_files(tdir)
+    yield tdir
+    r = subprocess.run(base + ["remove-template"], capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(tdir) and not shm_files(tdir)
+    r = subprocess.run(base + ["remove-template"], capture_output=True, timeout=30)
+    assert r.returncode == 1 and b"no template" in r.stderr

@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 import images
-from conftest import qemu_pids
+from conftest import wait_vms_gone
 
 RUNV = shutil.which("runv-py")
 DOCKER = "/usr/bin/docker"     # the daemon's own client (another may be on PATH)
@@ -74,10 +74,7 @@ class Client:
         return cid
 
     def no_leaks(self) -> None:
-        deadline = time.monotonic() + 20
-        while any(qemu_pids(cid) for cid in self.ids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [cid for cid in self.ids if qemu_pids(cid)], "QEMU processes leaked"
+        assert not wait_vms_gone(*self.ids, timeout=20), "QEMU or virtiofsd processes leaked"
         assert not leaked_cgroups(self.ids), leaked_cgroups(self.ids)
         with open("/proc/self/mountinfo") as f:
             mounts = f.read()

@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 import images
-from conftest import qemu_pids
+from conftest import qemu_pids, wait_vms_gone
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300),
               pytest.mark.skipif(not shutil.which("containerd") or not shutil.which("ctr"),
@@ -142,10 +142,7 @@ def containerd(image_tar):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 10
-        while qemu_pids(c.tag) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        leaked = qemu_pids(c.tag)
+        leaked = wait_vms_gone(c.tag, timeout=10)
         for pid in leaked:
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10  # a shim's `delete` may still be under way
@@ -371,10 +368,7 @@ def test_shim_killed_while_containerd_is_down(containerd):
     assert len(daemons) == 1, daemons
     containerd.stop()
     os.kill(daemons[0], signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while qemu_pids(containerd.tag) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not qemu_pids(containerd.tag)
+    assert not wait_vms_gone(containerd.tag, timeout=15)
     containerd.start()
     deadline = time.monotonic() + 30
     while containerd.task_status(cid) not in ("STOPPED", "") and time.monotonic() < deadline:

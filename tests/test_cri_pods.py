@@ -12,24 +12,19 @@ import pytest
 
 from conftest import qemu_pids
 from cri import api_pb2 as pb
-from cri.harness import CriContainerd, ExecSyncTimeout, RUNVPY_HANDLER, cri_log_text
-from test_cri import MISSING, _try_get, wait_for
+from cri.harness import ExecSyncTimeout, RUNVPY_HANDLER, cri_log_text
+from test_cri import MISSING, _busy_stats, _try_get, wait_for
+from test_cri import cri as private_containerd  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300),
               pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
 
 @pytest.fixture
-def cri():
-    containerd = CriContainerd()
-    containerd.start()
-    containerd.client.rpc_timeout = 120
-    try:
-        yield containerd
-    finally:
-        logs = containerd.log_tail()
-        forced = containerd.stop()
-        assert not forced, f"clean-up had to force: {forced}\n{logs}"
+def cri(private_containerd):
+    """test_cri's private containerd, with time for VMs that boot under TCG."""
+    private_containerd.client.rpc_timeout = 120
+    return private_containerd
 
 
 def vm_of(pod: str) -> list:
@@ -112,7 +107,7 @@ def test_exec_sync_stop_stats_and_growing(cri, tmp_path):
     assert code == 0 and int(nproc) == min(2, os.cpu_count()) and limit == str(512 << 20)
     assert int(memtotal.split()[1]) > 512 * 1024, memtotal
 
-    stats = wait_for(lambda: _stats(client, cid), what="stats")
+    stats = wait_for(lambda: _busy_stats(client, cid), what="stats")
     assert stats.memory.working_set_bytes.value > 0
 
     started = time.monotonic()
@@ -123,8 +118,3 @@ def test_exec_sync_stop_stats_and_growing(cri, tmp_path):
     client.stop_pod(pod)
     client.remove_pod(pod)
     assert not vm_of(pod) and cri.leaks(pod, cid, big) == []
-
-
-def _stats(client, cid):
-    stats = client.container_stats(cid)
-    return stats if stats.cpu.usage_core_nano_seconds.value > 0 else None

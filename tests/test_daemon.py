@@ -9,7 +9,6 @@ import uuid
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
 
 from conftest import INITRD, KERNEL, qemu_pids
 from runv_py.oci.busybox import make_bundle
@@ -307,12 +306,8 @@ def test_solo_namespaced_stops_after_the_last_container(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_a_template_given_to_the_daemon_makes_every_vm_a_clone(tmp_path):
-    tdir = str(tmp_path / "template")
-    base = [sys.executable, "-m", "runv_py.cli", "--kernel", KERNEL, "--initrd", INITRD,
-            "--template", tdir, "manage"]
-    r = subprocess.run(base + ["create-template"], capture_output=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+def test_a_template_given_to_the_daemon_makes_every_vm_a_clone(tmp_path, cli_template):
+    tdir = cli_template
     d = Daemon(str(tmp_path)).start(global_flags=["--template", tdir])
     try:
         for i in range(2):
@@ -328,4 +323,3 @@ def test_a_template_given_to_the_daemon_makes_every_vm_a_clone(tmp_path):
         assert not os.listdir(d.state)
     finally:
         d.stop()
-        subprocess.run(base + ["remove-template"], capture_output=True, timeout=30)

@@ -6,7 +6,6 @@ two clones sharing memory or random state, a template removed under running clon
 a cache's spare VMs and directories outliving it."""
 import json
 import os
-import subprocess
 import threading
 import time
 import uuid
@@ -15,7 +14,7 @@ import pytest
 
 import test_lifecycle
 import test_run
-from conftest import INITRD, KERNEL, qemu_pids
+from conftest import qemu_pids, shm_files, wait_vms_gone
 from test_lifecycle import subreaper  # noqa: F401  (a fixture of the lifecycle scenarios)
 from runv_py.oci import bundle as oci
 from runv_py.vm import template
@@ -29,31 +28,7 @@ from runv_py.vm.template import TemplateFactory
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
 
 
-def shm_files(template_dir: str) -> list:
-    return [template.memory_file_for(template_dir)] if os.path.exists(
-        template.memory_file_for(template_dir)) else []
-
-
 # ---- the CLI: test_run's scenarios from a template and from the cache -----------------
-
-@pytest.fixture(scope="module")
-def cli_template(tmp_path_factory):
-    """A template made with `runv-py manage create-template`, removed afterwards."""
-    tdir = str(tmp_path_factory.mktemp("tpl") / "template")
-    base = ["python3", "-m", "runv_py.cli", "--kernel", KERNEL, "--initrd", INITRD,
-            "--template", tdir, "manage"]
-    r = subprocess.run(base + ["create-template", "--mem", "256"], capture_output=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["memory_mib"] == 256
-    assert os.path.exists(template.memory_file_for(tdir))
-    yield tdir
-    r = subprocess.run(base + ["remove-template"], capture_output=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    assert not os.path.exists(tdir) and not shm_files(tdir)
-    r = subprocess.run(base + ["remove-template"], capture_output=True, timeout=30)
-    assert r.returncode == 1 and b"no template" in r.stderr
-
 
 FACTORIES = {
     "template": lambda tdir: ["--template", tdir],
@@ -232,10 +207,7 @@ def boxes(api, tmp_path):
         box.destroy()
     from runv_py.host import statedir
     statedir.remove(str(tmp_path / "state"))
-    deadline = time.monotonic() + 5
-    while qemu_pids(tag) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not qemu_pids(tag), "QEMU processes leaked"
+    assert not wait_vms_gone(tag), "QEMU or virtiofsd processes leaked"
 
 
 @pytest.fixture

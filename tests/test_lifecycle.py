@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import qemu_pids
+from conftest import qemu_pids, virtiofsd_pids, wait_vms_gone
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
 
@@ -23,11 +23,6 @@ def runv(runv, request):
     runv.args = lambda *args: base("--share", request.param, *args)
     runv.share = request.param
     return runv
-
-
-def virtiofsd_pids(cid: str) -> list:
-    out = subprocess.run(["pgrep", "-f", f"virtiofsd.*{cid}"], capture_output=True, text=True)
-    return [int(x) for x in out.stdout.split()]
 
 
 @pytest.fixture
@@ -195,10 +190,7 @@ def test_kill_9_of_the_shim_leaves_no_qemu(runv, bundle):
     assert qemu_pids(runv.tag)
     assert bool(virtiofsd_pids(cid)) == (getattr(runv, "share", "") == "virtiofs")
     os.kill(runv.state(cid)["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while (qemu_pids(runv.tag) or virtiofsd_pids(cid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not qemu_pids(runv.tag) and not virtiofsd_pids(cid)
+    assert not wait_vms_gone(runv.tag)
     assert runv.state(cid)["status"] == "stopped"
     runv("delete", cid, check=True)
 

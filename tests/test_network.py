@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from conftest import qemu_pids
-from test_clients import podman, run_args  # noqa: F401  (the podman fixture)
+from test_clients import podman  # noqa: F401  (the podman fixture)
 from test_run import driver, out, runv  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import INITRD, KERNEL, qemu_pids
+from conftest import INITRD, KERNEL, qemu_pids, wait_vms_gone
 from runv_py import ttrpc
 from runv_py.oci.busybox import make_bundle
 from runv_py.shimv2.pb import shimv2_pb2 as pb
@@ -147,10 +147,7 @@ def test_close_io_ends_stdin_and_events_come_in_order(tmp_path):
                 os.kill(shim_pid, 9)
         os.close(out_fd)
         sink.close()
-        deadline = time.monotonic() + 10
-        while qemu_pids(tag) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not qemu_pids(tag)
+        assert not wait_vms_gone(tag, timeout=10)
         assert not os.path.exists(os.path.join(bundle, "runv", cid))
 
 
@@ -195,14 +192,10 @@ def test_a_task_runs_every_hook_and_unknown_ids_are_not_found(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_a_template_in_the_config_makes_every_vm_a_clone(tmp_path):
+def test_a_template_in_the_config_makes_every_vm_a_clone(tmp_path, cli_template):
     tag = uuid.uuid4().hex[:8]
     cid = f"tp-{tag}"
-    tdir = str(tmp_path / "template")
-    base = [sys.executable, "-m", "runv_py.cli", "--kernel", KERNEL, "--initrd", INITRD,
-            "--template", tdir, "manage"]
-    r = subprocess.run(base + ["create-template"], capture_output=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    tdir = cli_template
     config = tmp_path / "runv-py.toml"
     config.write_text(f'template = "{tdir}"\nkernel = "{KERNEL}"\ninitrd = "{INITRD}"\n')
     bundle = make_bundle(str(tmp_path / "bundle"), ["sh", "-c", "echo from-a-clone"])
@@ -222,5 +215,4 @@ def test_a_template_in_the_config_makes_every_vm_a_clone(tmp_path):
     finally:
         shim.close()
         os.close(out_fd)
-        subprocess.run(base + ["remove-template"], capture_output=True, timeout=30)
     assert not qemu_pids(tag)

@@ -30,7 +30,7 @@ class Options:
 
 
 def make_options(kernel, initrd, driver, default_cpus, default_memory, root, debug, log_file,
-                 log_format, share="9p") -> Options:
+                 log_format, share) -> Options:
     """The global flags' values as the commands see them (after logging is set up)."""
     return Options(kernel=kernel, initrd=initrd, driver=driver, default_cpus=default_cpus,
                    default_memory=default_memory, root=root, debug=debug,

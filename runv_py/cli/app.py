@@ -63,5 +63,7 @@ from . import more as _more  # noqa: E402
 from ..compare import compare as _compare  # noqa: E402  (imports only click at start-up)
 main.add_command(_compare)
 main.add_command(manage)
+from .factory import factory as _factory  # noqa: E402
+main.add_command(_factory)
 _commands.register(main)
 _more.register(main)

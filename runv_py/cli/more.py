@@ -6,7 +6,6 @@ import sys
 import click
 
 from . import fail, hot, runtime_errors
-from .hot import runc_stats  # noqa: F401  (where it was)
 
 MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 

@@ -59,12 +59,7 @@ def run_foreground(root: str, cid: str, bundle_path: str, shim_args: dict) -> in
 
 def wait_child(pid: int) -> int:
     """The shim's exit status, which is its container's (a signal N reads as 128+N)."""
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
+    _, status = os.waitpid(pid, 0)  # retried on EINTR by Python itself (PEP 475)
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
 

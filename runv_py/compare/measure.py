@@ -89,6 +89,14 @@ def parse_marks(text: str, count: int = MARKS) -> list:
         raise CompareError(f"the workload script's timings are incomplete: {sorted(marks)}")
     return [marks[i] for i in range(count)]
 
+def workload_figures(marks: list, tar_mb: int) -> dict:
+    """The work script's measures from its marks (parse_marks), keyed as in MEASURES."""
+    d = [max(marks[k + 1] - marks[k], 1e-6) for k in range(MARKS - 1)]
+    return {"seq_write_mbps": SEQ_MB / d[0], "seq_read_mbps": SEQ_MB / d[1],
+            "small_file_ops": 2 * SMALL_FILES / d[2], "cpu_loop_s": d[4],
+            "syscall_kops": 2 * SYSCALL_BYTES / d[5] / 1000, "find_tree_s": d[6],
+            "tar_x_mbps": tar_mb / d[7]}
+
 PROBE_SCRIPT = r"""
 echo "kernel=$(uname -r)"
 echo "processes=$(ls /proc | grep -c '^[0-9][0-9]*$')"
@@ -262,15 +270,9 @@ def measure_runtime(rt: Runtime, bundle: str, work: str, runs: int, reps: int, t
         if r.returncode != 0:
             raise CompareError(f"{rt.name}: workload script failed ({r.returncode}): "
                                f"{r.stderr.decode(errors='replace').strip()[-300:]}")
-        t = parse_marks(r.stdout.decode(errors="replace"))
-        d = [max(t[k + 1] - t[k], 1e-6) for k in range(MARKS - 1)]
-        rows["seq_write_mbps"].append(SEQ_MB / d[0])
-        rows["seq_read_mbps"].append(SEQ_MB / d[1])
-        rows["small_file_ops"].append(2 * SMALL_FILES / d[2])
-        rows["cpu_loop_s"].append(d[4])
-        rows["syscall_kops"].append(2 * SYSCALL_BYTES / d[5] / 1000)
-        rows["find_tree_s"].append(d[6])
-        rows["tar_x_mbps"].append(tar_mb / d[7])
+        figures = workload_figures(parse_marks(r.stdout.decode(errors="replace")), tar_mb)
+        for key, value in figures.items():
+            rows[key].append(value)
     for key, values in rows.items():
         out["measures"][key] = summary(values)
     # 7. isolation probes.

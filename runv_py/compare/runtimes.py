@@ -2,13 +2,12 @@
 runv-py with the VM driver (cold, with the rootfs over 9p and over virtio-fs; cloning a
 template), with the namespace driver, and runc."""
 import os
-import re
 import shutil
 import subprocess
 import sys
 
 from .. import paths
-from ..drivers.virtiofs import VIRTIOFSD
+from ..drivers import virtiofs
 
 
 class CompareError(Exception):
@@ -58,16 +57,6 @@ class Runtime:
                        capture_output=True, timeout=60, env=self.env)
 
 
-def template_flag(template_dir: str) -> list:
-    """The CLI's global template option, if the template work has landed: [] otherwise."""
-    out = subprocess.run([sys.executable, "-m", "runv_py.cli", "--help"], capture_output=True,
-                         text=True, timeout=30).stdout
-    m = re.search(r"--template(?:\s+([A-Z]+))?\s", out)
-    if not m:
-        return []
-    return ["--template", template_dir] if m.group(1) else ["--template"]
-
-
 def runtimes(opts, state: str, template_dir: str = "") -> tuple:
     """(runtimes to measure, {name: why it is skipped})."""
     template_dir = template_dir or paths.TEMPLATE_DIR
@@ -78,19 +67,17 @@ def runtimes(opts, state: str, template_dir: str = "") -> tuple:
     # The VM driver with each way of sharing the rootfs (the README's file I/O figures).
     for share in ("9p", "virtiofs"):
         name = f"runv-py vm ({share})"
-        if share == "virtiofs" and not os.access(VIRTIOFSD, os.X_OK):
-            skipped[name] = f"{VIRTIOFSD} is not installed (qemu-system-common)"
+        if share == "virtiofs" and not virtiofs.available():
+            skipped[name] = f"{virtiofs.VIRTIOFSD} is not installed (qemu-system-common)"
             continue
         found.append(Runtime(name, vm + ["--root", os.path.join(state, share), "--share", share],
                              "runv"))
-    flag = template_flag(template_dir)
-    if not flag:
-        skipped["runv-py vm (template)"] = "this runv-py has no --template option yet"
-    elif not os.path.isdir(template_dir):
+    if not os.path.isdir(template_dir):
         skipped["runv-py vm (template)"] = f"no template at {template_dir}"
     else:
         found.append(Runtime("runv-py vm (template)",
-                             runv + ["--root", os.path.join(state, "tpl")] + flag, "runv"))
+                             runv + ["--root", os.path.join(state, "tpl"), "--template",
+                                    template_dir], "runv"))
     found.append(Runtime("runv-py namespace", runv + ["--root", os.path.join(state, "ns"),
                                                       "--driver", "namespace"], "runv"))
     runc = shutil.which("runc")

@@ -76,6 +76,16 @@ class HostCgroup:
                 except OSError as e:
                     log.warning("cannot set %s in %s: %s", name, path, e)
 
+    def enter(self, resources: dict, vm_memory_mib: int) -> List[str]:
+        """Create the cgroup with the limits for a container with OCI ``resources`` in a
+        VM of ``vm_memory_mib`` and move this process there; returns where it was (the
+        lines of /proc/self/cgroup, for rejoin)."""
+        with open("/proc/self/cgroup") as f:
+            was = f.read().splitlines()
+        self.create(**limits_for(resources, vm_memory_mib))
+        self.join(0)
+        return was
+
     def join(self, pid: int = 0) -> None:
         for path in self.dirs:
             write_file(os.path.join(path, "cgroup.procs"), str(pid))
@@ -88,17 +98,28 @@ class HostCgroup:
     @staticmethod
     def rejoin(proc_cgroup_lines: list) -> None:
         """Move this process back to the cgroups /proc/self/cgroup said it was in."""
-        roots = v1_mounts(V1_CONTROLLERS)
-        for line in proc_cgroup_lines:
-            _, names, path = line.split(":", 2)
-            targets = [os.path.join(roots[n], path.lstrip("/")) for n in names.split(",")
-                       if n in roots] if names else \
-                [os.path.join(UNIFIED, path.lstrip("/"))] if is_v2() else []
-            for target in targets:
-                try:
-                    write_file(os.path.join(target, "cgroup.procs"), "0")
-                except OSError as e:
-                    log.warning("cannot move back to %s: %s", target, e)
+        move_to(0, proc_cgroup_lines)
+
+
+def join_own_cgroups(pid: int) -> None:
+    """Move ``pid`` into this process's cgroups (a VM made elsewhere joins its owner's)."""
+    with open("/proc/self/cgroup") as f:
+        move_to(pid, f.read().splitlines())
+
+
+def move_to(pid: int, proc_cgroup_lines: list) -> None:
+    """Move ``pid`` (0: this process) to the cgroups that /proc/PID/cgroup lines name."""
+    roots = v1_mounts(V1_CONTROLLERS)
+    for line in proc_cgroup_lines:
+        _, names, rel = line.split(":", 2)
+        targets = [os.path.join(roots[n], rel.lstrip("/")) for n in names.split(",")
+                   if n in roots] if names else \
+            [os.path.join(UNIFIED, rel.lstrip("/"))] if is_v2() else []
+        for target in targets:
+            try:
+                write_file(os.path.join(target, "cgroup.procs"), str(pid))
+            except OSError as e:
+                log.warning("cannot move pid %d to %s: %s", pid, target, e)
 
 
 def limits_for(resources: dict, vm_memory_mib: int) -> Dict[str, Optional[int]]:

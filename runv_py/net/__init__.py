@@ -1,11 +1,14 @@
 """Pod networking: the network namespace a caller made (CNI, podman, docker), carried
 into the VM through taps and tc redirections (pod.py)."""
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..hyperstart.errors import InvalidArgument
 
+if TYPE_CHECKING:
+    from .pod import PodNetwork
 
-def network_for(spec: dict) -> Optional["PodNetwork"]:  # noqa: F821
+
+def network_for(spec: dict) -> Optional["PodNetwork"]:
     """The pod network a sandbox's spec asks for: None for a network of the VM's own
     (a network namespace without a path); host networking is refused."""
     entry = network_namespace(spec)
@@ -16,7 +19,7 @@ def network_for(spec: dict) -> Optional["PodNetwork"]:  # noqa: F821
     if not path:
         return None
     from .pod import PodNetwork
-    return PodNetwork.discover(path)
+    return PodNetwork(path)
 
 
 def release(netns: str) -> None:

@@ -40,6 +40,7 @@ class Interface:
     addresses: List[tuple]       # (address, prefix length)
     tap: str = ""
     fd: int = -1
+    guest_mac: str = ""          # the guest NIC's MAC before it takes ``mac`` (pooled VMs)
 
 
 @dataclasses.dataclass
@@ -50,15 +51,19 @@ class Nic:
 
 
 class PodNetwork:
-    def __init__(self, netns: str, interfaces: List[Interface], routes: List[m.Route]):
+    """A pod's namespace; what is in it is read when a VM attaches to it (a driver that
+    only joins the namespace needs none of it)."""
+
+    def __init__(self, netns: str):
+        check_pod_namespace(netns)
         self.netns = netns
-        self.interfaces = interfaces
-        self.routes = routes
+        self.interfaces: List[Interface] = []
+        self.routes: List[m.Route] = []
         self.attached: List[Interface] = []
 
-    @classmethod
-    def discover(cls, netns: str) -> "PodNetwork":
-        check_pod_namespace(netns)
+    def discover(self) -> None:
+        """Read the namespace's ethernet interfaces and their routes."""
+        netns = self.netns
         interfaces = []
         for link in run(netns, "ip", "addr", "show", json_out=True):
             name = link.get("ifname", "")
@@ -75,11 +80,9 @@ class PodNetwork:
                 continue  # the guest makes the subnet routes itself, from the addresses
             routes.append(m.Route(dest=r.get("dst", "default"), gateway=r.get("gateway", ""),
                                   device=r["dev"]))
-        return cls(netns, interfaces, routes)
+        self.interfaces, self.routes = interfaces, routes
 
-    def attach(self) -> List[Nic]:
-        """Create the taps and the redirections; returns QEMU's NICs."""
-        nics = []
+    def _check_free(self) -> None:
         for iface in self.interfaces:
             qdiscs = run(self.netns, "tc", "qdisc", "show", "dev", iface.name, "ingress")
             if "ingress" in qdiscs:
@@ -87,26 +90,57 @@ class PodNetwork:
                     f"{iface.name} in network namespace {self.netns} is already redirected "
                     "(another VM has this namespace: runv-py runs one VM per network "
                     "namespace; pods go through the shim v2, one VM per pod)")
+
+    def _redirect(self, iface: Interface) -> None:
+        """The tap up with the veth's MTU, and everything redirected both ways."""
+        run(self.netns, "ip", "link", "set", "dev", iface.tap, "mtu", str(iface.mtu), "up")
+        for src, dst in ((iface.name, iface.tap), (iface.tap, iface.name)):
+            run(self.netns, "tc", "qdisc", "add", "dev", src, "ingress")
+            run(self.netns, "tc", "filter", "add", "dev", src, "parent", "ffff:",
+                "protocol", "all", "u32", "match", "u8", "0", "0", "action", "mirred",
+                "egress", "redirect", "dev", dst)
+
+    def attach(self) -> List[Nic]:
+        """Read the namespace, create the taps and the redirections; returns QEMU's NICs."""
+        self.discover()
+        self._check_free()
+        nics = []
         try:
             for iface in self.interfaces:
                 iface.tap = (TAP_PREFIX + iface.name)[:15]
                 iface.fd = inside(self.netns, lambda name=iface.tap: open_tap(name))
                 self.attached.append(iface)
-                run(self.netns, "ip", "link", "set", "dev", iface.tap, "mtu", str(iface.mtu), "up")
-                for src, dst in ((iface.name, iface.tap), (iface.tap, iface.name)):
-                    run(self.netns, "tc", "qdisc", "add", "dev", src, "ingress")
-                    run(self.netns, "tc", "filter", "add", "dev", src, "parent", "ffff:",
-                        "protocol", "all", "u32", "match", "u8", "0", "0", "action", "mirred",
-                        "egress", "redirect", "dev", dst)
+                self._redirect(iface)
                 nics.append(Nic(iface.fd, iface.mac))
         except BaseException:
             self.detach()
             raise
         return nics
 
+    def adopt_tap(self, tap: str, guest_mac: str) -> None:
+        """Give the pod a running VM's NIC (the node factory's): its tap moves from the
+        factory's holding namespace into the pod's (QEMU's fd stays valid) and is
+        redirected like a new one; the guest takes the veth's MAC (guest_setup)."""
+        from ..factory.vms import holding_netns
+        if len(self.interfaces) != 1:
+            raise FailedPrecondition("a pooled VM serves a namespace with one interface")
+        self._check_free()
+        iface = self.interfaces[0]
+        holding = holding_netns()
+        run(holding, "ip", "link", "set", "dev", tap, "netns", self.netns)
+        iface.tap, iface.guest_mac = (TAP_PREFIX + iface.name)[:15], guest_mac
+        try:
+            run(self.netns, "ip", "link", "set", "dev", tap, "name", iface.tap)
+            self.attached.append(iface)
+            self._redirect(iface)
+        except BaseException:
+            self.detach()
+            raise
+
     def guest_setup(self) -> list:
         """The agent's messages that make the guest's network this one."""
-        msgs = [m.SetupInterface(device=i.mac, new_device_name=i.name, mtu=i.mtu,
+        msgs = [m.SetupInterface(device=i.guest_mac or i.mac, new_device_name=i.name, mtu=i.mtu,
+                                 mac=i.mac if i.guest_mac else "",
                                  ip_addresses=[m.IpAddress(ip_address=a, net_mask=str(p))
                                                for a, p in i.addresses])
                 for i in self.interfaces]

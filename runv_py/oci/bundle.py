@@ -66,6 +66,10 @@ class Bundle:
     def hooks(self) -> dict:
         return self.spec.get("hooks") or {}
 
+    @property
+    def cgroups_path(self) -> str:
+        return (self.spec.get("linux") or {}).get("cgroupsPath") or ""
+
 
 def load(path: str) -> Bundle:
     """Read and check ``path/config.json``; raises BundleError with a precise message."""

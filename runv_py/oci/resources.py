@@ -25,13 +25,21 @@ def cgroup_limits(resources: dict) -> dict:
     return values
 
 
+def asked(resources: dict) -> tuple:
+    """(cpus, MiB) a container's limits ask of its VM (0 where it sets no limit)."""
+    memory = (resources.get("memory") or {}).get("limit") or 0
+    cpu = resources.get("cpu") or {}
+    quota = cpu.get("quota") or 0
+    cpus = math.ceil(quota / (cpu.get("period") or 100000)) if quota > 0 else 0
+    return cpus, math.ceil(memory / (1 << 20)) if memory > 0 else 0
+
+
 def vm_size(resources: dict, cpus: int, memory_mib: int) -> tuple:
     """(cpus, memory MiB) of a VM for these resources: the memory limit plus a fixed
     overhead, and as many vCPUs as the cpu quota asks for; the defaults otherwise."""
-    limit = (resources.get("memory") or {}).get("limit")
-    if limit and limit > 0:
-        memory_mib = max(64, math.ceil(limit / (1 << 20)) + VM_MEMORY_OVERHEAD_MIB)
-    cpu = resources.get("cpu") or {}
-    if cpu.get("quota") and cpu["quota"] > 0:
-        cpus = max(1, min(MAX_CPUS, math.ceil(cpu["quota"] / (cpu.get("period") or 100000))))
+    want_cpus, want_mib = asked(resources)
+    if want_mib:
+        memory_mib = max(64, want_mib + VM_MEMORY_OVERHEAD_MIB)
+    if want_cpus:
+        cpus = max(1, min(MAX_CPUS, want_cpus))
     return cpus, memory_mib

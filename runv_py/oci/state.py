@@ -17,7 +17,12 @@ def oci_state(cid: str, status: str, pid: int = 0, bundle: str = "", rootfs: str
     }
 
 
+def rfc3339(when: float) -> str:
+    """A time.time() value as runc writes times: UTC, nanoseconds."""
+    import time
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1e9):09d}Z"
+
+
 def now_rfc3339() -> str:
     import time
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
+    return rfc3339(time.time())

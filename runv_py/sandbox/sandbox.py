@@ -23,7 +23,7 @@ from ..oci.bundle import Bundle, check_process
 from ..oci.linux import container_fields
 from ..oci.process import process_spec
 from ..oci.resources import cgroup_limits
-from ..oci.state import oci_state
+from ..oci.state import oci_state, rfc3339
 from ..vm.boot import BootedVM
 from ..vm.stdio import fd_sink, pump_stdin
 from . import share
@@ -34,10 +34,6 @@ from .stats import ContainerStats
 log = logging.getLogger("runv_py.sandbox")
 
 STREAM_DRAIN_TIMEOUT = 2.0
-
-
-def rfc3339(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1e9):09d}Z"
 
 
 class Sandbox:
@@ -74,7 +70,7 @@ class Sandbox:
         sandbox = cls(sandbox_id, booted, network)
         try:
             sandbox.agent.call(m.StartPod(hostname=hostname, share_tag=sandbox.vm.share_tag,
-                                          share_kind=getattr(sandbox.vm, "share_kind", "9p")))
+                                          share_kind=sandbox.vm.share_kind))
             if network is not None and sandbox.vm.network_in_guest:
                 for msg in network.guest_setup():
                     sandbox.agent.call(msg)

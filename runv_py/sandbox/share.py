@@ -15,8 +15,8 @@ from ..oci.bundle import BundleError
 log = logging.getLogger("runv_py.sandbox")
 
 
-def private_mount_namespace() -> None:
-    syscalls.private_mount_namespace()
+def private_mount_namespace(keep_shared: str = "") -> None:
+    syscalls.private_mount_namespace(keep_shared)
 
 
 def bind(source: str, target: str) -> None:

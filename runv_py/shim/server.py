@@ -62,16 +62,20 @@ class ShimServer:
         from ..vm.factory import OneShotFactory
         params = self.params
         driver = probe(params.driver)
-        self.join_host_cgroup()
-        private_mount_namespace()
+        config = BootConfig(**params.config)
+        factory = None
         if params.factory_policy or params.template_dir:
             factory = OneShotFactory(driver, params.factory_policy, params.template_dir)
-        else:
-            factory = DirectFactory(driver)
+        else:  # the node's factory, if on: asked before joining the container's cgroup
+            from ..factory.client import NodeFactory
+            factory = NodeFactory.connect(driver, config)
+        self.join_host_cgroup()
+        private_mount_namespace(factory.shared_tree() if isinstance(factory, NodeFactory) else "")
+        factory = factory or DirectFactory(driver)
         network = network_for(self.bundle.spec)
         if network is not None:
             self.update(netns=network.netns)  # recorded first: delete releases it
-        self.sandbox = Sandbox.boot(self.cid, factory, BootConfig(**params.config), self.path,
+        self.sandbox = Sandbox.boot(self.cid, factory, config, self.path,
                                     hostname=self.bundle.hostname, network=network)
         self.record.qemu_pid = self.sandbox.vm.pid
         self.sandbox.listeners.append(self.on_exit)
@@ -83,14 +87,12 @@ class ShimServer:
 
     def join_host_cgroup(self) -> None:
         """linux.cgroupsPath on the host: this shim, and so its QEMU, lives there."""
-        path = (self.bundle.spec.get("linux") or {}).get("cgroupsPath")
-        if not path:
+        if not self.bundle.cgroups_path:
             return
-        from ..host.cgroups import HostCgroup, limits_for
-        cgroup = HostCgroup.for_path(path)
+        from ..host.cgroups import HostCgroup
+        cgroup = HostCgroup.for_path(self.bundle.cgroups_path)
         self.update(host_cgroups=cgroup.dirs)  # recorded first: delete removes them
-        cgroup.create(**limits_for(self.bundle.resources, self.params.config["memory_mib"]))
-        cgroup.join(0)
+        cgroup.enter(self.bundle.resources, self.params.config["memory_mib"])
 
     def init_io(self) -> ProcessIO:
         """The init's stdio: ours (inherited from create), or a pty for a terminal."""

@@ -183,12 +183,19 @@ def serve(flags: Flags) -> int:
     from ..vm.factory import OneShotFactory
     from . import config as shim_config
     from .service import TaskService
-    private_mount_namespace()  # before any thread: unshare needs a single thread
+    from ..factory.client import NodeFactory
+    from ..vm.boot import BootConfig
     bundle = os.getcwd()
     setup_logging(bundle, flags)
-    listener = socket.socket(fileno=int(flags.get("socket") or 3))
     config = shim_config.load()
-    factory = OneShotFactory(probe(config.driver), config.factory_policy or None, config.template)
+    driver = probe(config.driver)
+    node = None
+    if not (config.factory_policy or config.template):
+        node = NodeFactory.connect(driver, BootConfig(**config.boot_config()))
+    # Before any thread: unshare needs a single thread.
+    private_mount_namespace(node.shared_tree() if node is not None else "")
+    listener = socket.socket(fileno=int(flags.get("socket") or 3))
+    factory = node or OneShotFactory(driver, config.factory_policy or None, config.template)
     service = TaskService(flags.get("namespace"), flags.get("id"), bundle,
                           os.environ.get("TTRPC_ADDRESS", ""), listener, config, factory)
     log.info("serving %s in %s", flags.get("id"), bundle)

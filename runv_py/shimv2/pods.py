@@ -2,14 +2,16 @@
 which container is the sandbox (the pause container), which sandbox a container joins,
 how big the pod is. One VM per pod: the sandbox container boots it, with room to grow
 as the pod's containers come (ONLINECPUMEM)."""
-import math
 import os
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING
 
 from ..hyperstart.errors import FailedPrecondition
 from ..oci.bundle import read_spec
-from ..oci.resources import VM_MEMORY_OVERHEAD_MIB, vm_size
+from ..oci.resources import VM_MEMORY_OVERHEAD_MIB, asked, vm_size
+
+if TYPE_CHECKING:
+    from ..sandbox import Container
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
@@ -50,15 +52,6 @@ def sandbox_size(spec: dict, annotations: dict, cpus: int, memory_mib: int) -> d
             "max_memory_mib": memory_mib + GROW_MEMORY_MIB}
 
 
-def needs(resources: dict) -> tuple:
-    """(cpus, MiB) one container's limits ask of the VM (0 where it sets none)."""
-    memory = (resources.get("memory") or {}).get("limit") or 0
-    cpu = resources.get("cpu") or {}
-    quota = cpu.get("quota") or 0
-    cpus = math.ceil(quota / (cpu.get("period") or 100000)) if quota > 0 else 0
-    return cpus, math.ceil(memory / (1 << 20)) if memory > 0 else 0
-
-
 def shared_namespaces(spec: dict) -> dict:
     """The namespaces an app container joins: those its spec gives a path (CRI points
     them at the sandbox's pid); the network is the VM's anyway."""
@@ -68,10 +61,6 @@ def shared_namespaces(spec: dict) -> dict:
         if kind and ns.get("path"):
             shared[kind] = True
     return shared
-
-
-def cgroups_path(spec: dict) -> Optional[str]:
-    return (spec.get("linux") or {}).get("cgroupsPath") or None
 
 
 class Pod:
@@ -90,7 +79,7 @@ class Pod:
         self.needs = {}               # container id -> (cpus, MiB) of its limits
         self.lock = threading.Lock()
 
-    def create(self, cid: str, bundle, io, host_pid_of) -> "Container":  # noqa: F821
+    def create(self, cid: str, bundle, io, host_pid_of) -> "Container":
         """Create ``cid`` in the pod's VM (booting it for the sandbox container)."""
         joins = sandbox_of(bundle.annotations)
         if self.sandbox is None:
@@ -99,7 +88,7 @@ class Pod:
             self.sandbox = self.boot(cid, bundle)
         elif joins != self.sandbox.id:
             raise FailedPrecondition(f"container {cid} is not in pod {self.sandbox.id}")
-        self.needs[cid] = needs(bundle.resources)
+        self.needs[cid] = asked(bundle.resources)
         self.grow()
         shared = {kind: self.sandbox.id for kind in shared_namespaces(bundle.spec)} if joins else {}
         return self.sandbox.create_container(cid, bundle, io, host_pid=host_pid_of(self.sandbox),
@@ -134,15 +123,11 @@ class Pod:
     def join_host_cgroup(self, bundle, vm_memory_mib: int) -> None:
         """The pod's host cgroup (the sandbox's cgroupsPath) holds this daemon and so the
         VM; its limits are the pod's plus the VM's overhead."""
-        path = cgroups_path(bundle.spec)
-        if not path:
+        if not bundle.cgroups_path:
             return
-        from ..host.cgroups import HostCgroup, limits_for
-        self.cgroup = HostCgroup.for_path(path)
-        with open("/proc/self/cgroup") as f:
-            self.left_cgroups = f.read().splitlines()
-        self.cgroup.create(**limits_for(bundle.resources, vm_memory_mib))
-        self.cgroup.join(0)
+        from ..host.cgroups import HostCgroup
+        self.cgroup = HostCgroup.for_path(bundle.cgroups_path)
+        self.left_cgroups = self.cgroup.enter(bundle.resources, vm_memory_mib)
 
     def end(self) -> None:
         """Stop the VM; leave the host cgroup (back where this daemon was) and remove it.

@@ -58,7 +58,6 @@ class TaskService:
         self.pod = Pod(self.workdir, config, factory, self.on_exit)
         self.inits: Dict[str, Task] = {}              # container id -> its init task
         self.execs: Dict[Tuple[str, str], Task] = {}  # (container id, exec id) -> task
-        self.deleted = False
         self.shutdown = threading.Event()
 
     @property
@@ -233,7 +232,6 @@ class TaskService:
             return
         self.pod.end()
         self.pod.sandbox = None
-        self.deleted = True
         statedir.remove(self.workdir)
         try:
             os.rmdir(os.path.dirname(self.workdir))

@@ -21,10 +21,8 @@ class AgentGone(Unavailable):
 
 
 class _Waiter:
-    def __init__(self, request):
-        self.request = request
+    def __init__(self):
         self.done = threading.Event()
-        self.ok = False
         self.payload = b""
         self.error = None
 
@@ -61,7 +59,7 @@ class AgentClient:
     def call(self, request, timeout: float = 60.0):
         """Send one command; returns the agent's reply message (None for a bare ACK).
         An ERROR comes back as the RunvError its code names; AgentGone if the VM went."""
-        waiter = _Waiter(request)
+        waiter = _Waiter()
         with self.send_lock:
             if self.closed.is_set():
                 raise AgentGone("the guest agent is gone")

@@ -40,6 +40,17 @@ class BootConfig:
         return self.max_cpus > self.cpus or self.max_memory_mib > self.memory_mib
 
 
+def cold_boot_reason(config: BootConfig, network=None) -> str:
+    """Why a request must be cold-booted whatever a cache or template holds ("" if it
+    need not): ready VMs and clones have no NIC for a pod's network, and their size is
+    fixed."""
+    if network is not None:
+        return "it joins a pod's network"
+    if config.grows:
+        return "it may grow"
+    return ""
+
+
 class BootedVM:
     """A VM whose agent has said READY (or answered, for a clone)."""
 

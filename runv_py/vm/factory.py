@@ -20,7 +20,7 @@ from ..hyperstart import messages as m
 from ..hyperstart.errors import InvalidArgument
 from ..host import statedir
 from . import launcher
-from .boot import BOOT_TIMEOUT, BootConfig, BootedVM, DirectFactory
+from .boot import BOOT_TIMEOUT, BootConfig, BootedVM, DirectFactory, cold_boot_reason
 
 log = logging.getLogger("runv_py.factory")
 
@@ -124,8 +124,7 @@ class CacheFactory:
             return True
 
     def get_vm(self, config: BootConfig, workdir: str, name: str, network=None) -> BootedVM:
-        why = "it joins a pod's network" if network is not None else \
-            "it may grow" if config.grows else _exceeds(self.config, config)
+        why = cold_boot_reason(config, network) or _exceeds(self.config, config)
         booted = None
         if not why:
             deadline = time.monotonic() + BOOT_TIMEOUT
@@ -308,6 +307,10 @@ class OneShotFactory:
         self.template_dir = template_dir
 
     def get_vm(self, config: BootConfig, workdir: str, name: str, network=None) -> BootedVM:
+        why = cold_boot_reason(config, network)
+        if why:  # no factory of the policy could serve it: do not build them for nothing
+            log.info("cold boot for %s: %s", name, why)
+            return DirectFactory(self.driver).get_vm(config, workdir, name, network)
         return boot_one(self.driver, config, workdir, name, self.policy, self.template_dir,
                         network)
 

@@ -24,14 +24,17 @@ from ..drivers import DriverError
 from ..hyperstart import messages as m
 from ..hyperstart.errors import RunvError
 from .agent_client import AgentClient
-from .boot import BOOT_TIMEOUT, BootConfig, BootedVM, DirectFactory, connect_agent
+from .boot import (BOOT_TIMEOUT, BootConfig, BootedVM, DirectFactory, cold_boot_reason,
+                   connect_agent)
 
 log = logging.getLogger("runv_py.template")
 
 DEFAULT_TEMPLATE_DIR = paths.TEMPLATE_DIR
 META_FILE = "template.json"
 STATE_FILE = "state"
-SHM_DIR = "/dev/shm"
+SHM_DIR = "/dev/shm/runv-py"   # mode 0700: only root lists it; memory files are 0600
+# Bumped when the VM's devices change: a clone must have its template's devices.
+FORMAT = 2
 
 
 class TemplateError(DriverError):
@@ -42,7 +45,16 @@ def memory_file_for(template_dir: str) -> str:
     """The /dev/shm file holding a template's RAM, named after its directory."""
     import hashlib
     digest = hashlib.sha256(os.path.abspath(template_dir).encode()).hexdigest()[:16]
-    return os.path.join(SHM_DIR, f"runv-py-template-{digest}.mem")
+    return os.path.join(SHM_DIR, f"template-{digest}.mem")
+
+
+def _private_memory_file(path: str) -> None:
+    """Create the (empty) memory file 0600 in a 0700 directory before QEMU opens it:
+    QEMU would create it 0644, and the guest's memory would be readable by anyone."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    os.chmod(os.path.dirname(path), 0o700)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+    os.chmod(path, 0o600)
 
 
 def load(template_dir: str) -> dict:
@@ -89,9 +101,11 @@ def _file_id(path: str) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
-def create(driver, config, template_dir: str) -> dict:
+def create(driver, config, template_dir: str, network=None) -> dict:
     """Boot a VM from ``config``, save it as a template in ``template_dir``; returns the
-    template's metadata. Raises TemplateError if one exists already."""
+    template's metadata. Raises TemplateError if one exists already. A ``network``
+    (an object with attach/close_fds, as for launch) gives the template its NICs: its
+    clones get theirs in the same places."""
     import shutil
     import tempfile
     if not getattr(driver, "supports_templates", False):
@@ -108,14 +122,19 @@ def create(driver, config, template_dir: str) -> dict:
         try:
             share = os.path.join(workdir, "share")  # never mounted: only its path is used
             os.mkdir(share)
+            _private_memory_file(memory_file)
             vm = driver.launch(config, os.path.join(workdir, "vm"), "template", share,
-                               memory_file=memory_file, shared_memory=True)
+                               memory_file=memory_file, shared_memory=True, network=network)
             agent = connect_agent(vm, BOOT_TIMEOUT)
             started = time.monotonic()
             vm.save_state(state_file)
             agent.close()
             vm.stop()
-            meta = {"cpus": config.cpus, "memory_mib": config.memory_mib,
+            meta = {"format": FORMAT, "cpus": config.cpus, "memory_mib": config.memory_mib,
+                    "max_cpus": config.max_cpus, "max_memory_mib": config.max_memory_mib,
+                    "nics": 1 if network is not None else 0,
+                    # The guest keeps the MAC it booted with: every clone's NIC has it.
+                    "nic_mac": getattr(network, "mac", ""),
                     "kernel": os.path.abspath(config.kernel), "initrd": os.path.abspath(config.initrd),
                     "kernel_id": _file_id(config.kernel), "initrd_id": _file_id(config.initrd),
                     "memory_file": memory_file, "created": time.time(),
@@ -163,10 +182,14 @@ def _remove_files(template_dir: str, memory_file: str) -> None:
 def fits(meta: dict, config) -> str:
     """'' if a clone of the template can serve ``config``, else why not (a kernel or
     initrd rebuilt since the template was made does not fit: its agent is another)."""
+    if meta.get("format") != FORMAT:
+        return "the template was made by another runv-py version (other devices)"
     if config.cpus > meta["cpus"]:
         return f"{config.cpus} cpus asked, the template has {meta['cpus']}"
     if config.memory_mib > meta["memory_mib"]:
         return f"{config.memory_mib} MiB asked, the template has {meta['memory_mib']}"
+    if (config.max_cpus, config.max_memory_mib) != (meta["max_cpus"], meta["max_memory_mib"]):
+        return "another room to grow than the template's"
     for key in ("kernel", "initrd"):
         if os.path.abspath(getattr(config, key)) != meta[key]:
             return f"{key} {getattr(config, key)} is not the template's {meta[key]}"
@@ -179,11 +202,15 @@ def fits(meta: dict, config) -> str:
 
 
 def clone(driver, meta: dict, template_dir: str, config, workdir: str, name: str,
-          share_dir: str) -> tuple:
-    """Start a clone of the template in ``workdir``; returns (VM, AgentClient, config).
+          share_dir: str, network=None, detached: bool = False,
+          connect=AgentClient) -> tuple:
+    """Start a clone of the template in ``workdir``; returns (VM, agent, config), the
+    agent made by ``connect`` from the VM's two channels.
 
-    ``config`` is the template's own BootConfig with the request's other settings."""
+    ``config`` is the template's own BootConfig with the request's other settings. A
+    template made with a NIC needs a ``network`` for its clone (see create)."""
     config = dataclasses.replace(config, cpus=meta["cpus"], memory_mib=meta["memory_mib"],
+                                 max_cpus=meta["max_cpus"], max_memory_mib=meta["max_memory_mib"],
                                  kernel=meta["kernel"], initrd=meta["initrd"])
     # Both files are opened first and reach QEMU through /proc/PID/fd: a template removed
     # meanwhile cannot take them away, nor make QEMU create an empty memory file.
@@ -200,10 +227,11 @@ def clone(driver, meta: dict, template_dir: str, config, workdir: str, name: str
     agent = vm = None
     try:
         vm = driver.launch(config, workdir, name, share_dir, memory_file=f"{own}/{memory_fd}",
-                           shared_memory=False, incoming=True)
+                           shared_memory=False, incoming=True, network=network,
+                           detached=detached)
         # The agent's ports were connected when the template was saved: connecting before
         # the state loads means the guest never sees them close, and answers at once.
-        agent = AgentClient(*vm.channels())
+        agent = connect(*vm.channels())
         vm.load_state(f"{own}/{state_fd}")
         # A clone is not a twin: fresh entropy, its own hostname. The first answer also
         # says the agent is alive.
@@ -246,9 +274,7 @@ class TemplateFactory:
         self.meta = load(self.template_dir)
 
     def get_vm(self, config: BootConfig, workdir: str, name: str, network=None) -> BootedVM:
-        # A clone's devices are the template's: it has no NIC for a pod's network.
-        why = "it joins a pod's network" if network is not None else \
-            "it may grow (a clone has the template's size)" if config.grows else fits(self.meta, config)
+        why = cold_boot_reason(config, network) or fits(self.meta, config)
         if why:
             log.info("cold boot for %s, not the template: %s", name, why)
             return self.direct.get_vm(config, workdir, name, network)

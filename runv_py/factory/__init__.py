@@ -1,0 +1,55 @@
+"""The node's VM factory: one long-lived process per node that keeps VM templates and a
+small pool of booted VMs, and hands them to the shims that own sandboxes (the CLI's
+per-container shims, the shim v2's pods, and through them `runv-py containerd`).
+
+A shim asks for a VM of a given shape (kernel, initrd, size, share, NIC) over a unix
+socket and gets the agent's two connected sockets (SCM_RIGHTS) and the VM's pids and
+paths. The factory stays QEMU's parent and watches the shim through a pidfd: when the
+shim dies, killed or not, the factory stops the VM and removes what it held (mounts,
+directory). The VMs it handed out do not depend on the factory: it can be restarted
+while they run, and a new factory takes over their records. A shim that cannot reach
+the factory starts one for next time and boots its VM cold (one log line).
+
+On by default; ``RUNV_FACTORY=off`` in the environment, or ``factory = false`` in
+/etc/runv-py/runv-py.toml, turns it off.
+"""
+import os
+
+from .. import paths
+
+FACTORY_DIR = os.environ.get("RUNV_FACTORY_DIR", os.path.join(paths.STATE_ROOT, "factory"))
+SOCKET = "factory.sock"
+LOCK = "factory.lock"
+LOG = "factory.log"
+VMS = "vms"                 # one directory per VM; a shared mount (see client.py)
+TEMPLATES = "templates"
+RECORD = "vm.json"
+HOLDING_NETNS = "runv-py-factory"   # where pooled VMs' taps wait for a pod (/run/netns)
+DEFAULT_POOL = 2
+
+
+def path(*parts: str) -> str:
+    return os.path.join(FACTORY_DIR, *parts)
+
+
+def settings() -> dict:
+    """{"enabled": bool, "pool": int} from the environment, then the node's config file."""
+    values = {}
+    config_file = os.environ.get("RUNVPY_CONFIG") or paths.CONFIG_FILE
+    if os.path.isfile(config_file):
+        try:
+            import tomllib
+            with open(config_file, "rb") as f:
+                values = tomllib.load(f)
+        except (OSError, ValueError):
+            values = {}
+    enabled = values.get("factory", True)
+    env = os.environ.get("RUNV_FACTORY", "").strip().lower()
+    if env:
+        enabled = env not in ("0", "off", "false", "no")
+    pool = os.environ.get("RUNV_FACTORY_POOL") or values.get("factory_pool") or DEFAULT_POOL
+    try:
+        pool = max(0, min(int(pool), 64))
+    except (TypeError, ValueError):
+        pool = DEFAULT_POOL
+    return {"enabled": bool(enabled), "pool": pool}

@@ -1,0 +1,281 @@
+"""The node's VM factory (runv_py/factory), with real VMs: a private factory (its own
+directory) serves the CLI's shims; containers get its pooled VMs (template clones for
+9p, cold-booted VMs for virtio-fs), the factory is restarted and killed while its VMs
+run, a shim is killed, and nothing is left behind."""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from conftest import INITRD, KERNEL, Runv
+from test_network import in_netns, netns  # noqa: F401  (a fixture)
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+class NodeFactory:
+    """A factory process of the test's own (RUNV_FACTORY_DIR), and the env that sends a
+    runv-py command to it."""
+
+    def __init__(self, directory: str, share: str):
+        self.dir = directory
+        self.share = share
+        self.env = dict(os.environ, RUNV_FACTORY="on", RUNV_FACTORY_DIR=directory,
+                        RUNV_SHARE=share, RUNV_FACTORY_POOL="2")
+        self.proc = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runv_py.factory", "--kernel", KERNEL, "--initrd", INITRD,
+             "--pool", "2", "--share", self.share],
+            env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(self.dir, "test-factory.log"), "ab"))
+        wait_for(lambda: os.path.exists(os.path.join(self.dir, "factory.sock")), 30,
+                 "the factory's socket")
+
+    def ask(self, op: str) -> dict:
+        r = subprocess.run([sys.executable, "-m", "runv_py.cli", "factory", "status", "--json"]
+                           if op == "status" else
+                           [sys.executable, "-m", "runv_py.cli", "factory", op],
+                           env=self.env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout) if op == "status" else {}
+
+    def ready(self, count: int = 2) -> dict:
+        def full():
+            pools = self.ask("status")["pools"]
+            return pools and all(len(p["ready"]) >= count for p in pools) and pools
+        return wait_for(full, 120, "the pool to fill")
+
+    def warm(self, nics: int) -> None:
+        """Have the factory keep VMs with ``nics`` NICs ready too."""
+        subprocess.run([sys.executable, "-c",
+                        "import sys; from runv_py.factory import client; from runv_py.vm.boot "
+                        "import BootConfig; client.warm(BootConfig(kernel=sys.argv[1], "
+                        "initrd=sys.argv[2], share=sys.argv[3]), nics=int(sys.argv[4]))",
+                        KERNEL, INITRD, self.share, str(nics)],
+                       env=self.env, check=True, timeout=30)
+
+    def stop(self) -> None:
+        """Stop whichever factory serves the directory (ours, or one a shim started)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+        elif os.path.exists(os.path.join(self.dir, "factory.sock")):
+            subprocess.run([sys.executable, "-m", "runv_py.cli", "factory", "stop"],
+                           env=self.env, capture_output=True, timeout=30)
+        wait_for(lambda: not os.path.exists(os.path.join(self.dir, "factory.sock")), 30,
+                 "the factory to stop")
+
+    def vm_dirs(self) -> list:
+        vms = os.path.join(self.dir, "vms")
+        return sorted(os.listdir(vms)) if os.path.isdir(vms) else []
+
+    def qemus(self) -> list:
+        """QEMU processes this factory's directory serves (pooled or handed out)."""
+        out = subprocess.run(["pgrep", "-f", f"qemu-system.*{self.dir}|virtiofsd.*{self.dir}"],
+                             capture_output=True, text=True).stdout
+        return [int(p) for p in out.split() if alive(int(p))]  # zombies are init's to reap
+
+
+@pytest.fixture(params=["9p", "virtiofs"])
+def factory(request):
+    directory = f"/run/runv-py-test-factory-{uuid.uuid4().hex[:8]}"
+    os.makedirs(directory, mode=0o700)
+    node = NodeFactory(directory, request.param)
+    node.start()
+    yield node
+    node.stop()
+    deadline = time.monotonic() + 5
+    while node.qemus() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leftover = node.qemus()
+    for pid in leftover:
+        os.kill(pid, signal.SIGKILL)
+    vms = os.path.join(directory, "vms")
+    subprocess.run(["umount", "-R", "-l", vms], capture_output=True, timeout=30)
+    subprocess.run(["rm", "-rf", directory], timeout=30)
+    assert not leftover, f"factory VMs leaked: {leftover}"
+
+
+@pytest.fixture
+def frunv(tmp_path, factory):
+    """The CLI with the test's factory on."""
+    r = Runv(str(tmp_path / "state"), uuid.uuid4().hex[:8])
+    original = r.args
+    r.env = factory.env
+    yield r
+    for cid in os.listdir(r.root) if os.path.isdir(r.root) else []:
+        subprocess.run(original("delete", "--force", cid), env=factory.env, timeout=60,
+                       capture_output=True)
+
+
+def run(r, factory, *args, timeout=120):
+    return subprocess.run(r.args(*args), env=factory.env, capture_output=True, timeout=timeout)
+
+
+def detached(r, factory, *args):
+    """A command whose shim keeps its stdio: output to files, not pipes."""
+    with tempfile.TemporaryFile() as err:
+        result = subprocess.run(r.args(*args), env=factory.env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, timeout=120)
+        err.seek(0)
+        result.stderr = err.read()
+    return result
+
+
+def served(factory, cid: str) -> dict:
+    vms = [v for v in factory.ask("status")["vms"] if v["container"] == cid]
+    return vms[0] if vms else {}
+
+
+def test_containers_get_pooled_vms_that_are_not_twins(frunv, factory, bundle):
+    factory.ready()
+    b = bundle(["sh", "-c", "cat /proc/sys/kernel/random/boot_id; hostname;"
+                            " head -c 16 /dev/urandom | od -An -tx1; cat /proc/mounts"])
+    seen = []
+    for name in ("a", "b"):
+        cid = frunv.id(name)
+        r = run(frunv, factory, "run", "-b", b, cid)
+        assert r.returncode == 0, r.stderr
+        boot_id, hostname, random, *mounts = r.stdout.decode().splitlines()
+        assert hostname == "runv-py"  # the spec's, not the template's or a sibling's
+        # The rootfs reached the guest over the factory's share kind.
+        assert any(f" {'9p' if factory.share == '9p' else 'virtiofs'} " in m for m in mounts)
+        seen.append((boot_id, random))
+    assert seen[0][0] != seen[1][0], "two pooled VMs share a boot id"
+    assert seen[0][1] != seen[1][1], "two pooled VMs gave the same random bytes"
+
+
+def test_a_container_from_the_factory_and_its_cleanup(frunv, factory, bundle):
+    factory.ready()
+    cid = frunv.id()
+    r = detached(frunv, factory, "run", "-d", "-b", bundle(["sleep", "300"]), cid)
+    assert r.returncode == 0, r.stderr
+    vm = served(factory, cid)
+    assert vm, "the factory does not list the container"
+    state = json.loads(run(frunv, factory, "state", cid).stdout)
+    assert state["status"] == "running"
+    record = json.load(open(os.path.join(frunv.root, cid, "state.json")))
+    assert record["qemu_pid"] == vm["qemu_pid"]
+    r = run(frunv, factory, "exec", cid, "echo", "exec ok")
+    assert r.returncode == 0 and b"exec ok" in r.stdout, r.stderr
+    assert run(frunv, factory, "delete", "-f", cid).returncode == 0
+    wait_for(lambda: not alive(vm["qemu_pid"]), 10, "the VM to stop")
+    wait_for(lambda: vm["name"] not in factory.vm_dirs(), 10, "the VM's directory to go")
+    with open("/proc/self/mountinfo") as f:
+        assert vm["name"] not in f.read()
+
+
+def test_the_factory_restarts_while_its_vms_run(frunv, factory, bundle):
+    factory.ready()
+    cid = frunv.id()
+    assert detached(frunv, factory, "run", "-d", "-b", bundle(["sleep", "300"]), cid).returncode == 0
+    vm = served(factory, cid)
+    pooled = [n for p in factory.ask("status")["pools"] for n in p["ready"]]
+    factory.stop()
+    assert alive(vm["qemu_pid"]), "a handed-out VM died with the factory"
+    r = run(frunv, factory, "exec", cid, "echo", "still here")
+    assert r.returncode == 0 and b"still here" in r.stdout, r.stderr
+    # The pooled VMs went with the factory; the new one watches the handed-out VM again.
+    assert not set(pooled) & set(factory.vm_dirs())
+    factory.start()
+    assert served(factory, cid)["qemu_pid"] == vm["qemu_pid"]
+    assert run(frunv, factory, "delete", "-f", cid).returncode == 0
+    wait_for(lambda: not alive(vm["qemu_pid"]), 10, "the VM to stop")
+    wait_for(lambda: vm["name"] not in factory.vm_dirs(), 10, "the VM's directory to go")
+
+
+def test_a_killed_factory_means_a_cold_boot_and_no_leak(frunv, factory, bundle, tmp_path):
+    pooled = factory.ready()
+    pooled_pids = set(factory.qemus())
+    factory.proc.kill()
+    factory.proc.wait(10)
+    os.unlink(os.path.join(factory.dir, "factory.sock"))  # what a killed process leaves
+    log = tmp_path / "shim.log"
+    r = run(frunv, factory, "--log", str(log), "run", "-b", bundle(["true"]), frunv.id())
+    assert r.returncode == 0, r.stderr
+    assert "booting cold, and starting one" in log.read_text()
+    # The shim started a new factory, which stopped the pool its predecessor left.
+    wait_for(lambda: os.path.exists(os.path.join(factory.dir, "factory.sock")), 30,
+             "a new factory")
+    wait_for(lambda: not pooled_pids & set(factory.qemus()), 30, "the orphaned pool to go")
+    assert not {n for p in pooled for n in p["ready"]} & set(factory.vm_dirs())
+    factory.stop()
+    wait_for(lambda: not factory.qemus(), 30, "the new factory's pool to go")
+
+
+def test_a_killed_shim_leaves_nothing(frunv, factory, bundle):
+    factory.ready()
+    cid = frunv.id()
+    assert detached(frunv, factory, "run", "-d", "-b", bundle(["sleep", "300"]), cid).returncode == 0
+    vm = served(factory, cid)
+    shim = json.load(open(os.path.join(frunv.root, cid, "state.json")))["shim_pid"]
+    os.kill(shim, signal.SIGKILL)
+    wait_for(lambda: not alive(vm["qemu_pid"]), 15, "the factory to stop the VM")
+    wait_for(lambda: vm["name"] not in factory.vm_dirs(), 10, "the VM's directory to go")
+    with open("/proc/self/mountinfo") as f:
+        assert vm["name"] not in f.read(), "the dead shim's mounts are still there"
+    assert run(frunv, factory, "delete", "-f", cid).returncode == 0
+
+
+def test_memory_files_are_private(factory):
+    if factory.share != "9p":
+        pytest.skip("virtio-fs VMs have anonymous memory (memfd)")
+    factory.ready()
+    from runv_py.vm.template import SHM_DIR
+    assert stat.S_IMODE(os.stat(SHM_DIR).st_mode) == 0o700
+    files = [os.path.join(SHM_DIR, n) for n in os.listdir(SHM_DIR)]
+    assert files
+    for path in files:
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0, path
+    assert stat.S_IMODE(os.stat(os.path.join(factory.dir, "vms")).st_mode) == 0o700
+
+
+def test_a_pooled_vm_takes_the_pods_network(frunv, factory, bundle, netns):
+    factory.warm(nics=1)
+    factory.ready()
+    cid = frunv.id()
+    b = in_netns(bundle(["sh", "-c", "ip link show eth0; ip -4 addr show eth0;"
+                                     f" wget -qO- http://{netns['net']}.1:8080/"]), netns["path"])
+    veth_mac = subprocess.run(["ip", "-n", netns["pod"], "-j", "link", "show", "eth0"],
+                              capture_output=True, text=True, timeout=30).stdout
+    veth_mac = json.loads(veth_mac)[0]["address"]
+    log = os.path.join(frunv.root, "..", "shim.log")
+    r = run(frunv, factory, "--log", log, "run", "-b", b, cid)
+    assert r.returncode == 0, r.stderr
+    assert "from the factory" in open(log).read()
+    assert veth_mac in r.stdout.decode()  # the guest NIC took the veth's MAC
+    assert f"inet {netns['net']}.2/24" in r.stdout.decode()
+    assert "hello from the test host" in r.stdout.decode()
+    # Nothing stays in the pod's namespace: no tap, no redirection.
+    links = subprocess.run(["ip", "-n", netns["pod"], "-o", "link"], capture_output=True,
+                           text=True, timeout=30).stdout
+    assert "tap0_" not in links and "rvf" not in links
