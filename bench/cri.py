@@ -6,8 +6,9 @@ by side in one run.
   that prints one line, until that line is in the container's CRI log (what
   `kubectl logs` would show first), interleaved runc/runvpy, medians of --runs;
 - memory per idle pod: --idle pods with one `sleep` container each, then the PSS of each
-  pod's shim and every process under it (runvpy: the shim v2 daemon, QEMU, virtiofsd;
-  runc: containerd-shim-runc-v2, pause, sleep); the median per pod.
+  pod's shim and every process under it (runc: containerd-shim-runc-v2, pause, sleep;
+  runvpy: the shim v2 daemon, its QEMU and virtiofsd wherever they were made, and the
+  node factory's share); the median per pod.
 
     python3 bench/cri.py [--runs 5] [--idle 3]
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from cri.harness import RUNC_HANDLER, RUNVPY_HANDLER, CriContainerd, cri_log_text  # noqa: E402
 from cri.config import missing_prerequisites  # noqa: E402
 from runv_py.compare.measure import descendants, pss_kb  # noqa: E402
+from pss import factory_kb, factory_status, shim_of, vm_breakdown  # noqa: E402
 
 HANDLERS = (RUNC_HANDLER, RUNVPY_HANDLER)
 LINE = "first byte\n"
@@ -54,22 +56,6 @@ def pod_to_first_byte(cri: CriContainerd, handler: str, logs: str, n: int) -> fl
     return elapsed
 
 
-def shim_of(pod: str) -> int:
-    """The shim serving a pod: containerd starts it with ``-id <pod id>`` (runv-py's
-    daemon re-executes itself as ``python3 -m runv_py.shimv2 -id=<pod id> ... serve``)."""
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            shim = args[0].endswith(b"containerd-shim-runc-v2") or b"runv_py.shimv2" in args
-            if shim and (pod.encode() in args or b"-id=" + pod.encode() in args):
-                return int(name)
-    raise RuntimeError(f"no shim for pod {pod}")
-
-
 def tree_pss_mib(root: int) -> float:
     return sum(pss_kb(pid) for pid in [root] + descendants(root)) / 1024
 
@@ -83,7 +69,13 @@ def idle_pods(cri: CriContainerd, handler: str, logs: str, count: int) -> list:
         client.run_container(pod, "c", cri.BUSYBOX, ["sleep", "600"])
         pods.append(pod)
     time.sleep(3)  # let the guests settle (their agents idle)
-    figures = [tree_pss_mib(shim_of(pod)) for pod in pods]
+    if handler == RUNVPY_HANDLER:  # QEMU may be the node factory's child, not the shim's
+        status = factory_status()
+        share = factory_kb(status) / 1024 / count
+        figures = [sum(vm_breakdown(shim_of(pod), pod, status).values()) / 1024 + share
+                   for pod in pods]
+    else:
+        figures = [tree_pss_mib(shim_of(pod)) for pod in pods]
     for pod in pods:
         client.stop_pod(pod)
         client.remove_pod(pod)

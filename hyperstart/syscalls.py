@@ -6,6 +6,7 @@ the namespace driver. Only ctypes and libc: no compiled helper to ship.
 import ctypes
 import os
 
+CLONE_FS = 0x00000200
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -14,6 +15,12 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 SYS_CAPSET = 126                 # x86_64
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+OPEN_TREE_CLONE = 1
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_FDCWD = -100
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -95,6 +102,20 @@ def capset(header, data) -> None:
     _check(_libc.syscall(SYS_CAPSET, ctypes.byref(header), data), "capset")
 
 
+def clone_tree(path: str) -> int:
+    """A detached copy of the mounts at ``path`` and below (open_tree(2) with
+    OPEN_TREE_CLONE|AT_RECURSIVE), as a file descriptor: a bind mount yet to be placed,
+    maybe in another mount namespace (move_into)."""
+    return _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, _b(path),
+                                OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC), f"open_tree {path}")
+
+
+def move_into(tree_fd: int, target: str) -> None:
+    """Attach a detached tree (clone_tree) at ``target`` in this thread's mount namespace."""
+    _check(_libc.syscall(SYS_MOVE_MOUNT, tree_fd, b"", AT_FDCWD, _b(target),
+                         MOVE_MOUNT_F_EMPTY_PATH), f"move_mount to {target}")
+
+
 def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
     _check(_libc.prctl(option, arg2, arg3, 0, 0), f"prctl {option}")
 
@@ -103,25 +124,14 @@ def reboot(cmd: int) -> None:
     _check(_libc.reboot(cmd), "reboot")
 
 
-def private_mount_namespace(keep_shared: str = "") -> None:
+def private_mount_namespace() -> None:
     """Move this process into a new mount namespace that shares no mount events.
 
     Mounts made afterwards exist only here (and in children), and vanish when the last
-    process in the namespace exits: nothing can leak onto the host. Except below
-    ``keep_shared``, a shared mount whose events keep reaching the host's (the node
-    factory's VMs, whose QEMU runs there; the factory removes what a dead owner left).
+    process in the namespace exits: nothing can leak onto the host.
     """
     unshare(CLONE_NEWNS)
-    if not keep_shared:
-        mount(None, "/", None, MS_REC | MS_PRIVATE)
-        return
-    keep = os.path.abspath(keep_shared).rstrip("/")
-    for point in reversed(mounts_below("/", include_self=True)):
-        if point != keep and not point.startswith(keep + "/"):
-            try:
-                mount(None, point, None, MS_PRIVATE)
-            except OSError:
-                pass  # a mount hidden under another one: nothing can be mounted on it
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
 
 
 def die_with_parent(sig: int) -> None:

@@ -104,13 +104,15 @@ class NodeFactory:
         return [int(p) for p in out.split() if alive(int(p))]  # zombies are init's to reap
 
 
-@pytest.fixture(params=["9p", "virtiofs"])
-def factory(request):
-    directory = f"/run/runv-py-test-factory-{uuid.uuid4().hex[:8]}"
-    os.makedirs(directory, mode=0o700)
-    node = NodeFactory(directory, request.param)
+def new_factory(share: str) -> NodeFactory:
+    node = NodeFactory(f"/run/runv-py-test-factory-{uuid.uuid4().hex[:8]}", share)
+    os.makedirs(node.dir, mode=0o700)
     node.start()
-    yield node
+    return node
+
+
+def dispose(node: NodeFactory) -> list:
+    """Stop the factory, kill and remove whatever it left; returns the QEMU pids left."""
     node.stop()
     deadline = time.monotonic() + 5
     while node.qemus() and time.monotonic() < deadline:
@@ -118,9 +120,17 @@ def factory(request):
     leftover = node.qemus()
     for pid in leftover:
         os.kill(pid, signal.SIGKILL)
-    vms = os.path.join(directory, "vms")
-    subprocess.run(["umount", "-R", "-l", vms], capture_output=True, timeout=30)
-    subprocess.run(["rm", "-rf", directory], timeout=30)
+    subprocess.run(["umount", "-R", "-l", os.path.join(node.dir, "vms")], capture_output=True,
+                   timeout=30)
+    subprocess.run(["rm", "-rf", node.dir], timeout=30)
+    return leftover
+
+
+@pytest.fixture(params=["9p", "virtiofs"])
+def factory(request):
+    node = new_factory(request.param)
+    yield node
+    leftover = dispose(node)
     assert not leftover, f"factory VMs leaked: {leftover}"
 
 
@@ -279,3 +289,47 @@ def test_a_pooled_vm_takes_the_pods_network(frunv, factory, bundle, netns):
     links = subprocess.run(["ip", "-n", netns["pod"], "-o", "link"], capture_output=True,
                            text=True, timeout=30).stdout
     assert "tap0_" not in links and "rvf" not in links
+
+
+def test_a_cri_pod_comes_from_the_factory():
+    """Kubernetes' path: the shim v2's pod VM is a pooled VM with a NIC, grown for the
+    pod, reached from the host at the pod's address; it goes with the pod."""
+    from cri.harness import RUNVPY_HANDLER, CriContainerd
+    from test_cri import MISSING, http_get
+    if MISSING:
+        pytest.skip(MISSING)
+    node = new_factory("virtiofs")
+    cri = CriContainerd(env={k: node.env[k] for k in ("RUNV_FACTORY", "RUNV_FACTORY_DIR",
+                                                      "RUNV_SHARE", "RUNV_FACTORY_POOL")})
+    cri.start()
+    try:
+        cri.client.rpc_timeout = 120
+        first = cri.client.run_pod("cold", handler=RUNVPY_HANDLER)  # makes the pod shape's pool
+        cri.client.stop_pod(first)
+        cri.client.remove_pod(first)
+        node.ready(1)
+        pod = cri.client.run_pod("pooled", handler=RUNVPY_HANDLER)
+        vm = served(node, pod)
+        assert vm and vm["nic"], "the pod's VM is not the factory's"
+        page = f"pooled pod {uuid.uuid4().hex[:6]}"
+        cri.client.run_container(pod, "web", cri.BUSYBOX, ["sh", "-c"], [
+            f"mkdir -p /www && echo '{page}' > /www/index.html && exec httpd -f -p 80 -h /www"])
+        ip = cri.client.pod_ip(pod)
+        text = wait_for(lambda: _try(lambda: http_get(f"http://{ip}:80/")), 60, "the pod's web")
+        assert text.strip() == page
+        cri.client.stop_pod(pod)
+        cri.client.remove_pod(pod)
+        wait_for(lambda: not alive(vm["qemu_pid"]), 15, "the pod's VM to stop")
+        wait_for(lambda: vm["name"] not in node.vm_dirs(), 10, "its directory to go")
+    finally:
+        forced = cri.stop()
+        leftover = dispose(node)
+    assert not forced, f"clean-up had to force: {forced}"
+    assert not leftover, f"factory VMs leaked: {leftover}"
+
+
+def _try(fn):
+    try:
+        return fn()
+    except OSError:
+        return None

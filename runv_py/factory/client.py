@@ -1,9 +1,9 @@
 """The shims' side of the node factory: a factory (``get_vm``/``close``, as vm/factory.py's)
 whose VMs come from the node's factory process, or from a cold boot when it has none.
 
-The order matters and is the caller's: ``NodeFactory.connect`` (before the shim joins a
-container's host cgroup, so that a factory it starts is not in it), then
-``private_mount_namespace(keep_shared=...)`` (before any thread), then ``get_vm``.
+``NodeFactory.connect`` comes before the shim joins a container's host cgroup, so that a
+factory it starts is not in it. The VM's share lives in the factory's mount namespace,
+where QEMU runs: the sandbox makes its binds there (BootedVM.mount_ns).
 """
 import base64
 import dataclasses
@@ -18,7 +18,7 @@ from ..drivers import DriverError
 from ..hyperstart import messages as m
 from ..hyperstart.errors import RunvError
 from ..vm.boot import BOOT_TIMEOUT, BootConfig, BootedVM, DirectFactory
-from . import FACTORY_DIR, LOG, SOCKET, VMS, path, settings, wire
+from . import FACTORY_DIR, LOG, SOCKET, path, settings, wire
 
 log = logging.getLogger("runv_py.factory")
 
@@ -91,10 +91,6 @@ class NodeFactory:
             return None
         return cls(driver)
 
-    @staticmethod
-    def shared_tree() -> str:
-        return path(VMS)
-
     def get_vm(self, config: BootConfig, workdir: str, name: str, network=None) -> BootedVM:
         nics = 0
         if network is not None:
@@ -148,8 +144,10 @@ class NodeFactory:
             raise DriverError(f"the VM from the factory ({info.get('name')}) failed: {e}") from None
         log.info("%s runs in VM %s from the factory (%s, qemu pid %d)", name, info["name"],
                  info.get("origin"), info["qemu_pid"])
-        return BootedVM(vm, agent, info["share_dir"], BootConfig(**info["config"]),
-                        origin="factory")
+        booted = BootedVM(vm, agent, info["share_dir"], BootConfig(**info["config"]),
+                          origin="factory")
+        booted.mount_ns = info["qemu_pid"]  # the share's binds go where QEMU sees them
+        return booted
 
     def close(self) -> None:
         pass

@@ -15,7 +15,6 @@ import struct
 import threading
 import time
 
-from ..hyperstart import syscalls
 from ..hyperstart.errors import InvalidArgument, RunvError
 from ..host import proc as hostproc
 from ..vm.boot import BOOT_TIMEOUT, BootConfig
@@ -275,16 +274,6 @@ class Factory:
             pool.close()
 
 
-def share_tree() -> None:
-    """The VMs' directory as a shared mount: what a shim bind-mounts below a VM's share
-    in its own mount namespace propagates here, where QEMU and virtiofsd see it."""
-    vms = path(VMS)
-    os.makedirs(vms, mode=0o700, exist_ok=True)
-    if vms not in syscalls.mounts_below(vms, include_self=True):
-        syscalls.mount(vms, vms, None, syscalls.MS_BIND)
-    syscalls.mount(None, vms, None, syscalls.MS_SHARED)
-
-
 def run(driver, pool_size: int, warm: list) -> int:
     """Serve until SIGTERM or a stop request; 0, or 0 at once if a factory runs already."""
     os.makedirs(path(), mode=0o700, exist_ok=True)
@@ -294,7 +283,7 @@ def run(driver, pool_size: int, warm: list) -> int:
     except BlockingIOError:
         log.info("a factory runs already")
         return 0
-    share_tree()
+    os.makedirs(path(VMS), mode=0o700, exist_ok=True)
     factory = Factory(driver, pool_size, warm)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: factory.stopping.set())

@@ -44,6 +44,7 @@ class Sandbox:
         self.vm = booted.vm
         self.agent = booted.agent
         self.share_dir = booted.share_dir
+        self.mount_ns = booted.mount_ns    # whose mount namespace the share lives in (0: ours)
         self.containers: Dict[str, Container] = {}
         self.lock = threading.RLock()
         self.listeners: List[Listener] = []   # told of each process exit, in order
@@ -104,10 +105,10 @@ class Sandbox:
             container = self.containers[cid] = Container(cid, bundle, host_pid)
         try:
             rootfs = os.path.join(cid, "rootfs")
-            share.bind(bundle.rootfs, os.path.join(self.share_dir, rootfs))
+            share.bind(bundle.rootfs, os.path.join(self.share_dir, rootfs), self.mount_ns)
             container.mounts.append(os.path.join(self.share_dir, rootfs))
             mounts = share.guest_mounts(self.share_dir, cid, bundle.spec.get("mounts"),
-                                        container.mounts)
+                                        container.mounts, self.mount_ns)
             process = dict(bundle.process)
             if console_size and not process.get("consoleSize"):
                 process["consoleSize"] = {"height": console_size[0], "width": console_size[1]}
@@ -282,7 +283,7 @@ class Sandbox:
             self.network.detach()
         self._finish_all(VM_DIED_STATUS)
         for container in list(self.containers.values()):
-            share.unbind(container.mounts)
+            share.unbind(container.mounts, self.mount_ns)
         self.booted.release()  # a cache's directory for this VM
         self._exits.put(None)
 
@@ -325,7 +326,7 @@ class Sandbox:
             if not container.state.is_(states.STOPPED):
                 container.state.stop()
             self.containers.pop(container.id, None)
-        share.unbind(container.mounts)
+        share.unbind(container.mounts, self.mount_ns)
 
     def _dispatch_exits(self) -> None:
         while True:

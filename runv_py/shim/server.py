@@ -57,6 +57,7 @@ class ShimServer:
 
     def boot(self) -> None:
         from ..drivers import probe
+        from ..factory.client import NodeFactory
         from ..net import network_for
         from ..vm.boot import BootConfig, DirectFactory
         from ..vm.factory import OneShotFactory
@@ -67,10 +68,9 @@ class ShimServer:
         if params.factory_policy or params.template_dir:
             factory = OneShotFactory(driver, params.factory_policy, params.template_dir)
         else:  # the node's factory, if on: asked before joining the container's cgroup
-            from ..factory.client import NodeFactory
             factory = NodeFactory.connect(driver, config)
         self.join_host_cgroup()
-        private_mount_namespace(factory.shared_tree() if isinstance(factory, NodeFactory) else "")
+        private_mount_namespace()
         factory = factory or DirectFactory(driver)
         network = network_for(self.bundle.spec)
         if network is not None:

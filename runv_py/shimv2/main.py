@@ -193,7 +193,7 @@ def serve(flags: Flags) -> int:
     if not (config.factory_policy or config.template):
         node = NodeFactory.connect(driver, BootConfig(**config.boot_config()))
     # Before any thread: unshare needs a single thread.
-    private_mount_namespace(node.shared_tree() if node is not None else "")
+    private_mount_namespace()
     listener = socket.socket(fileno=int(flags.get("socket") or 3))
     factory = node or OneShotFactory(driver, config.factory_policy or None, config.template)
     service = TaskService(flags.get("namespace"), flags.get("id"), bundle,

@@ -60,7 +60,8 @@ class BootedVM:
         self.agent = agent
         self.share_dir = share_dir
         self.config = config
-        self.origin = origin      # direct | template | cache: how it was made
+        self.origin = origin      # direct | template | cache | factory: how it was made
+        self.mount_ns = 0         # a pid whose mount namespace holds the share (0: ours)
         self.cleanups = []        # run by release(), after stop() and the unmounts
 
     def stop(self) -> None:

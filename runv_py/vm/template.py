@@ -34,7 +34,7 @@ META_FILE = "template.json"
 STATE_FILE = "state"
 SHM_DIR = "/dev/shm/runv-py"   # mode 0700: only root lists it; memory files are 0600
 # Bumped when the VM's devices change: a clone must have its template's devices.
-FORMAT = 2
+FORMAT = 3
 
 
 class TemplateError(DriverError):

@@ -1,0 +1,180 @@
+"""Memory per idle pod, and where it goes, with the default settings (the node factory
+on): N idle pods through CRI (one containerd with the CRI plugin, the tests' harness),
+runc's handler and runv-py's side by side in one run; and N idle containers through the
+CLI (`runv-py run -d` against `runc run -d`).
+
+For every step of N it prints the PSS per pod split by component (runv-py: the shim,
+QEMU's guest RAM, its TCG translation cache, the rest of QEMU, virtiofsd, and the
+factory's share: its own process and its ready VMs divided by N), and the drop in the
+host's MemAvailable divided by N; then draws PSS per pod against N (--chart).
+
+    python3 bench/density.py [--steps 1,5,10] [--cli 5] [--chart docs/density.png]
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+
+from common import RUNV, bundle, have_runc, median
+from pss import factory_kb, factory_status, mem_available_kb, shim_of, tree_kb, vm_breakdown
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from cri.harness import RUNC_HANDLER, RUNVPY_HANDLER, CriContainerd  # noqa: E402
+from cri.config import missing_prerequisites  # noqa: E402
+
+PARTS = ("shim", "guest_ram", "tcg_cache", "qemu", "virtiofsd", "factory")
+SETTLE = 3.0   # seconds for the guests to go idle before measuring
+
+
+def measure_pods(handler: str, pods: list, baseline_kb: int) -> dict:
+    """Per-pod figures (MiB) for the pods running now."""
+    time.sleep(SETTLE)
+    status = factory_status() if handler == RUNVPY_HANDLER else {}
+    rows = []
+    for pod in pods:
+        owner = shim_of(pod)
+        rows.append(vm_breakdown(owner, pod, status) if handler == RUNVPY_HANDLER else
+                    {"shim": tree_kb(owner)})
+    n = len(pods)
+    out = {part: median([r.get(part, 0) for r in rows]) / 1024 for part in PARTS[:-1]}
+    out["factory"] = factory_kb(status) / n / 1024
+    out["total"] = sum(out[p] for p in PARTS)
+    out["mem_available_drop"] = (baseline_kb - mem_available_kb()) / n / 1024
+    return out
+
+
+def cri_run(steps: list) -> dict:
+    results = {}
+    with CriContainerd(log_level="info") as cri:
+        cri.client.rpc_timeout = 180
+        logs = tempfile.mkdtemp(prefix="runv-density-")
+        for handler in (RUNC_HANDLER, RUNVPY_HANDLER):
+            warm = cri.client.run_pod(f"warm-{handler}", log_dir=logs, handler=handler)
+            cri.client.stop_pod(warm)
+            cri.client.remove_pod(warm)
+            time.sleep(8 if handler == RUNVPY_HANDLER else 1)  # the factory's pool fills
+            baseline = mem_available_kb()
+            pods, containers, results[handler] = [], [], {}
+            started = time.monotonic()
+            for target in steps:
+                while len(pods) < target:
+                    pod = cri.client.run_pod(f"d-{handler}-{len(pods)}", handler=handler,
+                                             log_dir=os.path.join(logs, str(len(pods))))
+                    containers.append(cri.client.run_container(pod, "c", cri.BUSYBOX,
+                                                               ["sleep", "3600"]))
+                    pods.append(pod)
+                results[handler][target] = measure_pods(handler, pods, baseline)
+                print(f"{handler}: {target} pods: {results[handler][target]['total']:.1f} MiB "
+                      "per pod", file=sys.stderr)
+            # Every pod still answers: an exec in each, all of them running at once.
+            answered = sum(cri.client.exec_sync(c, ["true"], timeout=60)[0] == 0
+                           for c in containers)
+            results[handler]["answered"] = f"{answered}/{len(containers)}"
+            results[handler]["seconds_to_start_all"] = time.monotonic() - started
+            for pod in pods:
+                cri.client.stop_pod(pod)
+                cri.client.remove_pod(pod)
+    return results
+
+
+def cli_run(count: int) -> dict:
+    """`run -d` of ``count`` idle containers per runtime: PSS per container (MiB)."""
+    import subprocess
+    from runv_py.compare.measure import descendants
+    results = {}
+    idle = bundle(["sleep", "3600"], "density")
+    runtimes = [("runv-py", RUNV)] + ([("runc", ["runc"])] if have_runc() else [])
+    for name, base in runtimes:
+        root = tempfile.mkdtemp(prefix=f"density-{name}-")
+        cmd = base + ["--root", root]
+        baseline = mem_available_kb()
+        ids = [f"d{uuid.uuid4().hex[:6]}" for _ in range(count)]
+        try:
+            for cid in ids:
+                subprocess.run(cmd + ["run", "-d", "-b", idle, cid], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=120, check=True)
+            time.sleep(SETTLE)
+            status = factory_status() if name == "runv-py" else {}
+            rows = []
+            for cid in ids:
+                state = json.loads(subprocess.run(cmd + ["state", cid], capture_output=True,
+                                                  timeout=30).stdout)
+                pid = state["pid"]
+                rows.append(vm_breakdown(pid, cid, status) if name == "runv-py" else
+                            {"shim": tree_kb(pid) + sum(0 for _ in descendants(pid))})
+            out = {p: median([r.get(p, 0) for r in rows]) / 1024 for p in PARTS[:-1]}
+            out["factory"] = factory_kb(status) / count / 1024
+            out["total"] = sum(out[p] for p in PARTS)
+            out["mem_available_drop"] = (baseline - mem_available_kb()) / count / 1024
+            results[name] = out
+        finally:
+            for cid in ids:
+                subprocess.run(cmd + ["delete", "-f", cid], capture_output=True, timeout=60)
+    return results
+
+
+def table(title: str, figures: dict, base: str) -> None:
+    print(f"\n{title}")
+    print(f"  {'':16}" + "".join(f"{p:>11}" for p in PARTS) + f"{'PSS total':>11}"
+          f"{'ratio':>8}{'MemAvail drop':>15}")
+    for name, f in figures.items():
+        ratio = f["total"] / figures[base]["total"] if figures.get(base) else 0
+        print(f"  {name:16}" + "".join(f"{f.get(p, 0):11.1f}" for p in PARTS) +
+              f"{f['total']:11.1f}{ratio:7.1f}x{f['mem_available_drop']:15.1f}")
+
+
+def chart(path: str, cri: dict, steps: list) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for handler, style in ((RUNVPY_HANDLER, "o-"), (RUNC_HANDLER, "s-")):
+        ax.plot(steps, [cri[handler][n]["total"] for n in steps], style, label=f"{handler} PSS")
+        ax.plot(steps, [cri[handler][n]["mem_available_drop"] for n in steps], style[0] + ":",
+                label=f"{handler} MemAvailable drop")
+    ax.axhline(122832 / 1024, color="grey", linestyle="--", label="Kata + QEMU (CI baseline)")
+    ax.set_xlabel("idle pods on the node (CRI)")
+    ax.set_ylabel("MiB per pod")
+    ax.set_title("Memory per idle pod, TCG, default settings")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"chart: {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", default="1,5,10", help="pod counts to measure at")
+    parser.add_argument("--cli", type=int, default=5, help="idle CLI containers per runtime")
+    parser.add_argument("--chart", default="", help="write the PSS-against-N chart here")
+    args = parser.parse_args()
+    steps = sorted({int(s) for s in args.steps.split(",")})
+    missing = missing_prerequisites()
+    if missing:
+        print(f"cannot run: {missing}", file=sys.stderr)
+        return 1
+    if os.environ.get("RUNV_FACTORY", "").lower() in ("0", "off", "false", "no"):
+        print("note: RUNV_FACTORY is off: these are the figures without the factory",
+              file=sys.stderr)
+    cri = cri_run(steps)
+    for n in steps:
+        table(f"CRI, {n} idle pods: MiB per pod (medians; factory = its share)",
+              {h: cri[h][n] for h in (RUNC_HANDLER, RUNVPY_HANDLER)}, RUNC_HANDLER)
+    for h in (RUNC_HANDLER, RUNVPY_HANDLER):
+        print(f"  {h}: {cri[h]['answered']} pods answered an exec with {steps[-1]} running; "
+              f"{cri[h]['seconds_to_start_all']:.0f} s to start them all")
+    if args.cli:
+        table(f"CLI, {args.cli} idle containers: MiB per container", cli_run(args.cli), "runc")
+    if args.chart:
+        chart(args.chart, cri, steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Where a VM's memory goes, from /proc/PID/smaps: PSS split into the guest's RAM, the
+TCG translation cache, and QEMU itself; process trees; the node factory's processes."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+from runv_py.compare.measure import descendants, pss_kb
+
+MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)$")
+GUEST_RAM = ("memfd:memory-backend", "/dev/shm/runv-py/", "/memfd:")
+TB_MIB = int(os.environ.get("RUNV_TB_SIZE", "32"))
+
+
+def qemu_split(pid: int) -> dict:
+    """{"guest_ram", "tcg_cache", "qemu"} PSS of one QEMU, in KiB. The translation cache
+    is QEMU's one anonymous mapping of tb-size (plus its guard page)."""
+    out = {"guest_ram": 0, "tcg_cache": 0, "qemu": 0}
+    kind = "qemu"
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                m = MAPPING.match(line)
+                if m:
+                    size = int(m.group(2), 16) - int(m.group(1), 16)
+                    name = m.group(3)
+                    if any(tag in name for tag in GUEST_RAM):
+                        kind = "guest_ram"
+                    elif not name and abs(size - (TB_MIB << 20)) <= 4 << 20:
+                        kind = "tcg_cache"
+                    else:
+                        kind = "qemu"
+                elif line.startswith("Pss:"):
+                    out[kind] += int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+def cmdline(pid: int) -> list:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def shim_of(pod: str) -> int:
+    """The shim serving a pod: containerd starts it with ``-id <pod id>`` (runv-py's
+    daemon re-executes itself as ``python3 -m runv_py.shimv2 -id=<pod id> ... serve``)."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            shim = args[0].endswith(b"containerd-shim-runc-v2") or b"runv_py.shimv2" in args
+            if shim and (pod.encode() in args or b"-id=" + pod.encode() in args):
+                return int(name)
+    raise RuntimeError(f"no shim for pod {pod}")
+
+
+def tree_kb(pid: int, skip=()) -> int:
+    return sum(pss_kb(p) for p in [pid] + descendants(pid) if p not in skip)
+
+
+def factory_status(env=None) -> dict:
+    r = subprocess.run([sys.executable, "-m", "runv_py.cli", "factory", "status", "--json"],
+                       capture_output=True, text=True, timeout=30, env=env)
+    return json.loads(r.stdout) if r.returncode == 0 else {}
+
+
+def vm_of(name: str, status: dict, owner: int) -> tuple:
+    """(QEMU pid, virtiofsd pid) serving ``name``: from the factory, else a QEMU below
+    ``owner`` (a cold boot) whose -name carries it."""
+    for vm in status.get("vms", []):
+        if vm["container"] == name:
+            return vm["qemu_pid"], vm.get("virtiofsd_pid", 0)
+    qemu = vfsd = 0
+    for pid in descendants(owner):
+        args = cmdline(pid)
+        if args and args[0].endswith("qemu-system-x86_64"):
+            qemu = pid
+        elif args and args[0].endswith("virtiofsd"):
+            vfsd = pid
+    return qemu, vfsd
+
+
+def vm_breakdown(owner: int, name: str, status: dict) -> dict:
+    """PSS in KiB of one sandbox by component: its owner (shim), QEMU split three ways,
+    virtiofsd."""
+    qemu, vfsd = vm_of(name, status, owner)
+    row = qemu_split(qemu) if qemu else {"guest_ram": 0, "tcg_cache": 0, "qemu": 0}
+    row["virtiofsd"] = tree_kb(vfsd) if vfsd else 0
+    row["shim"] = tree_kb(owner, skip={qemu, vfsd} | set(descendants(qemu) if qemu else []))
+    return row
+
+
+def factory_kb(status: dict) -> int:
+    """The factory process and the VMs it keeps ready (not yet any sandbox's)."""
+    if not status:
+        return 0
+    handed = {v["qemu_pid"] for v in status.get("vms", [])} | \
+        {v.get("virtiofsd_pid", 0) for v in status.get("vms", [])}
+    return tree_kb(status["pid"], skip=handed)
+
+
+def mem_available_kb() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    return 0
