@@ -165,3 +165,16 @@ def cli_template(tmp_path_factory):
     assert not os.path.exists(tdir) and not shm_files(tdir)
     r = subprocess.run(base + ["remove-template"], capture_output=True, timeout=30)
     assert r.returncode == 1 and b"no template" in r.stderr
+
+
+@pytest.fixture(scope="session", autouse=True)
+def node_factory_stopped():
+    """podman and docker start the runtime without our environment, so their containers
+    come from the node's factory, which the first of them starts: stop it at the end if
+    the suite started it (its pooled VMs would outlive the run)."""
+    from runv_py.factory import SOCKET, path
+    was_running = os.path.exists(path(SOCKET))
+    yield
+    if not was_running and os.path.exists(path(SOCKET)):
+        subprocess.run([sys.executable, "-m", "runv_py.cli", "factory", "stop"],
+                       capture_output=True, timeout=120)
