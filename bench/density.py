@@ -19,7 +19,8 @@ import time
 import uuid
 
 from common import RUNV, bundle, have_runc, median
-from pss import factory_kb, factory_status, mem_available_kb, shim_of, tree_kb, vm_breakdown
+from pss import (factory_kb, factory_status, mem_available_kb, pools_full, shim_of, tree_kb,
+                 vm_breakdown)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
@@ -56,7 +57,7 @@ def cri_run(steps: list) -> dict:
             warm = cri.client.run_pod(f"warm-{handler}", log_dir=logs, handler=handler)
             cri.client.stop_pod(warm)
             cri.client.remove_pod(warm)
-            time.sleep(8 if handler == RUNVPY_HANDLER else 1)  # the factory's pool fills
+            pools_full(60)  # the factory's pool fills
             baseline = mem_available_kb()
             pods, containers, results[handler] = [], [], {}
             started = time.monotonic()

@@ -5,17 +5,18 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 from runv_py.compare.measure import descendants, pss_kb
 
-MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)$")
+MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 GUEST_RAM = ("memfd:memory-backend", "/dev/shm/runv-py/", "/memfd:")
-TB_MIB = int(os.environ.get("RUNV_TB_SIZE", "32"))
 
 
 def qemu_split(pid: int) -> dict:
     """{"guest_ram", "tcg_cache", "qemu"} PSS of one QEMU, in KiB. The translation cache
-    is QEMU's one anonymous mapping of tb-size (plus its guard page)."""
+    is QEMU's anonymous executable memory (one region per vCPU thread, guard pages
+    between them)."""
     out = {"guest_ram": 0, "tcg_cache": 0, "qemu": 0}
     kind = "qemu"
     try:
@@ -23,11 +24,10 @@ def qemu_split(pid: int) -> dict:
             for line in f:
                 m = MAPPING.match(line)
                 if m:
-                    size = int(m.group(2), 16) - int(m.group(1), 16)
-                    name = m.group(3)
+                    perms, name = m.group(3), m.group(4)
                     if any(tag in name for tag in GUEST_RAM):
                         kind = "guest_ram"
-                    elif not name and abs(size - (TB_MIB << 20)) <= 4 << 20:
+                    elif not name and "x" in perms:
                         kind = "tcg_cache"
                     else:
                         kind = "qemu"
@@ -105,6 +105,16 @@ def factory_kb(status: dict) -> int:
     handed = {v["qemu_pid"] for v in status.get("vms", [])} | \
         {v.get("virtiofsd_pid", 0) for v in status.get("vms", [])}
     return tree_kb(status["pid"], skip=handed)
+
+
+def pools_full(timeout: float, env: dict = None) -> None:
+    """Wait until the node factory's pools are full (its refill would take CPU time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pools = factory_status(env).get("pools", [])
+        if pools and all(len(p["ready"]) >= p["size"] for p in pools):
+            return
+        time.sleep(0.2)
 
 
 def mem_available_kb() -> int:

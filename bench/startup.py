@@ -18,6 +18,7 @@ import time
 import uuid
 
 from common import RUNV, bundle, have_runc, median, row, timed
+from pss import pools_full
 
 from runv_py.oci import bundle as oci
 from runv_py.drivers import probe
@@ -78,17 +79,6 @@ def density(factory, n: int, b: oci.Bundle, state: str, label: str) -> dict:
             "pss_kb_each": per_vm}
 
 
-def pools_full(env: dict, timeout: float) -> None:
-    """Wait until the node factory's pools are full (its refill would take CPU time)."""
-    from pss import factory_status
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pools = factory_status(env).get("pools", [])
-        if pools and all(len(p["ready"]) >= p["size"] for p in pools):
-            return
-        time.sleep(0.2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
@@ -129,7 +119,7 @@ def main() -> None:
         for i in range(args.runs + 1):  # round 0 warms up and is not counted
             for name, (cmd, extra) in cli.items():
                 if name.startswith("factory"):
-                    pools_full(env, 8 if i == 0 else 60)  # its refill must not compete
+                    pools_full(8 if i == 0 else 60, env)  # its refill must not compete
                 cid = f"bench-{name.split()[0]}-{uuid.uuid4().hex[:8]}"
                 elapsed = timed(cmd + ["run", "-b", true_bundle, cid], timeout=120,
                                 env=dict(env, **extra))

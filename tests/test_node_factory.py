@@ -291,14 +291,16 @@ def test_a_pooled_vm_takes_the_pods_network(frunv, factory, bundle, netns):
     assert "tap0_" not in links and "rvf" not in links
 
 
-def test_a_cri_pod_comes_from_the_factory():
-    """Kubernetes' path: the shim v2's pod VM is a pooled VM with a NIC, grown for the
-    pod, reached from the host at the pod's address; it goes with the pod."""
+@pytest.mark.parametrize("share", ["9p", "virtiofs"])
+def test_a_cri_pod_comes_from_the_factory(share):
+    """Kubernetes' path: the shim v2's pod VM is a pooled VM with a NIC and room to grow
+    (a template's clone for 9p), reached from the host at the pod's address; a container
+    with a memory limit grows it; it goes with the pod."""
     from cri.harness import RUNVPY_HANDLER, CriContainerd
     from test_cri import MISSING, http_get
     if MISSING:
         pytest.skip(MISSING)
-    node = new_factory("virtiofs")
+    node = new_factory(share)
     cri = CriContainerd(env={k: node.env[k] for k in ("RUNV_FACTORY", "RUNV_FACTORY_DIR",
                                                       "RUNV_SHARE", "RUNV_FACTORY_POOL")})
     cri.start()
@@ -314,6 +316,14 @@ def test_a_cri_pod_comes_from_the_factory():
         page = f"pooled pod {uuid.uuid4().hex[:6]}"
         cri.client.run_container(pod, "web", cri.BUSYBOX, ["sh", "-c"], [
             f"mkdir -p /www && echo '{page}' > /www/index.html && exec httpd -f -p 80 -h /www"])
+        grown = cri.client.run_container(pod, "grown", cri.BUSYBOX, ["sleep", "300"],
+                                         resources={"cpu_period": 100000, "cpu_quota": 200000,
+                                                    "memory_limit_in_bytes": 512 << 20})
+        code, out, _ = cri.client.exec_sync(grown, ["sh", "-c", "nproc; grep MemTotal "
+                                                                "/proc/meminfo"], 30)
+        nproc, memtotal = out.decode().splitlines()[:2]
+        assert code == 0 and int(nproc) == min(2, os.cpu_count()), out  # the VM grew
+        assert int(memtotal.split()[1]) > 512 * 1024, out
         ip = cri.client.pod_ip(pod)
         text = wait_for(lambda: _try(lambda: http_get(f"http://{ip}:80/")), 60, "the pod's web")
         assert text.strip() == page

@@ -25,6 +25,7 @@ log = logging.getLogger("runv_py.factory")
 
 MAX_POOLS = 8                # shapes kept warm at once; others are served cold
 REQUEST_TIMEOUT = 5.0
+FACTORY_CGROUP = "/runv-py-factory"
 
 
 class Pool:
@@ -274,6 +275,18 @@ class Factory:
             pool.close()
 
 
+def own_cgroup() -> None:
+    """Leave the cgroups of whoever started us (a shim's caller: conmon's, containerd's)
+    for one of our own, where the pooled VMs are accounted too."""
+    from ..host.cgroups import HostCgroup
+    try:
+        cgroup = HostCgroup.for_path(FACTORY_CGROUP)
+        cgroup.create(None, None, 100000)
+        cgroup.join(0)
+    except OSError as e:
+        log.warning("the factory stays in its parent's cgroups: %s", e)
+
+
 def run(driver, pool_size: int, warm: list) -> int:
     """Serve until SIGTERM or a stop request; 0, or 0 at once if a factory runs already."""
     os.makedirs(path(), mode=0o700, exist_ok=True)
@@ -284,6 +297,7 @@ def run(driver, pool_size: int, warm: list) -> int:
         log.info("a factory runs already")
         return 0
     os.makedirs(path(VMS), mode=0o700, exist_ok=True)
+    own_cgroup()
     factory = Factory(driver, pool_size, warm)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: factory.stopping.set())
