@@ -15,20 +15,10 @@ import uuid
 import pytest
 
 from conftest import INITRD, KERNEL, Runv
+from test_cri import MISSING, http_get, wait_for
 from test_network import in_netns, netns  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def alive(pid: int) -> bool:
@@ -57,7 +47,7 @@ class NodeFactory:
             env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(self.dir, "test-factory.log"), "ab"))
         wait_for(lambda: os.path.exists(os.path.join(self.dir, "factory.sock")), 30,
-                 "the factory's socket")
+                 what="the factory's socket")
 
     def ask(self, op: str) -> dict:
         r = subprocess.run([sys.executable, "-m", "runv_py.cli", "factory", "status", "--json"]
@@ -71,7 +61,7 @@ class NodeFactory:
         def full():
             pools = self.ask("status")["pools"]
             return pools and all(len(p["ready"]) >= count for p in pools) and pools
-        return wait_for(full, 120, "the pool to fill")
+        return wait_for(full, 120, what="the pool to fill")
 
     def warm(self, nics: int) -> None:
         """Have the factory keep VMs with ``nics`` NICs ready too."""
@@ -91,7 +81,7 @@ class NodeFactory:
             subprocess.run([sys.executable, "-m", "runv_py.cli", "factory", "stop"],
                            env=self.env, capture_output=True, timeout=30)
         wait_for(lambda: not os.path.exists(os.path.join(self.dir, "factory.sock")), 30,
-                 "the factory to stop")
+                 what="the factory to stop")
 
     def vm_dirs(self) -> list:
         vms = os.path.join(self.dir, "vms")
@@ -197,8 +187,8 @@ def test_a_container_from_the_factory_and_its_cleanup(frunv, factory, bundle):
     r = run(frunv, factory, "exec", cid, "echo", "exec ok")
     assert r.returncode == 0 and b"exec ok" in r.stdout, r.stderr
     assert run(frunv, factory, "delete", "-f", cid).returncode == 0
-    wait_for(lambda: not alive(vm["qemu_pid"]), 10, "the VM to stop")
-    wait_for(lambda: vm["name"] not in factory.vm_dirs(), 10, "the VM's directory to go")
+    wait_for(lambda: not alive(vm["qemu_pid"]), 10, what="the VM to stop")
+    wait_for(lambda: vm["name"] not in factory.vm_dirs(), 10, what="the VM's directory to go")
     with open("/proc/self/mountinfo") as f:
         assert vm["name"] not in f.read()
 
@@ -218,8 +208,8 @@ def test_the_factory_restarts_while_its_vms_run(frunv, factory, bundle):
     factory.start()
     assert served(factory, cid)["qemu_pid"] == vm["qemu_pid"]
     assert run(frunv, factory, "delete", "-f", cid).returncode == 0
-    wait_for(lambda: not alive(vm["qemu_pid"]), 10, "the VM to stop")
-    wait_for(lambda: vm["name"] not in factory.vm_dirs(), 10, "the VM's directory to go")
+    wait_for(lambda: not alive(vm["qemu_pid"]), 10, what="the VM to stop")
+    wait_for(lambda: vm["name"] not in factory.vm_dirs(), 10, what="the VM's directory to go")
 
 
 def test_a_killed_factory_means_a_cold_boot_and_no_leak(frunv, factory, bundle, tmp_path):
@@ -234,11 +224,11 @@ def test_a_killed_factory_means_a_cold_boot_and_no_leak(frunv, factory, bundle, 
     assert "booting cold, and starting one" in log.read_text()
     # The shim started a new factory, which stopped the pool its predecessor left.
     wait_for(lambda: os.path.exists(os.path.join(factory.dir, "factory.sock")), 30,
-             "a new factory")
-    wait_for(lambda: not pooled_pids & set(factory.qemus()), 30, "the orphaned pool to go")
+             what="a new factory")
+    wait_for(lambda: not pooled_pids & set(factory.qemus()), 30, what="the orphaned pool to go")
     assert not {n for p in pooled for n in p["ready"]} & set(factory.vm_dirs())
     factory.stop()
-    wait_for(lambda: not factory.qemus(), 30, "the new factory's pool to go")
+    wait_for(lambda: not factory.qemus(), 30, what="the new factory's pool to go")
 
 
 def test_a_killed_shim_leaves_nothing(frunv, factory, bundle):
@@ -248,11 +238,24 @@ def test_a_killed_shim_leaves_nothing(frunv, factory, bundle):
     vm = served(factory, cid)
     shim = json.load(open(os.path.join(frunv.root, cid, "state.json")))["shim_pid"]
     os.kill(shim, signal.SIGKILL)
-    wait_for(lambda: not alive(vm["qemu_pid"]), 15, "the factory to stop the VM")
-    wait_for(lambda: vm["name"] not in factory.vm_dirs(), 10, "the VM's directory to go")
+    wait_for(lambda: not alive(vm["qemu_pid"]), 15, what="the factory to stop the VM")
+    wait_for(lambda: vm["name"] not in factory.vm_dirs(), 10, what="the VM's directory to go")
     with open("/proc/self/mountinfo") as f:
         assert vm["name"] not in f.read(), "the dead shim's mounts are still there"
     assert run(frunv, factory, "delete", "-f", cid).returncode == 0
+
+
+def test_a_killed_qemu_ends_its_container_and_nothing_stays(frunv, factory, bundle):
+    factory.ready()
+    cid = frunv.id()
+    assert detached(frunv, factory, "run", "-d", "-b", bundle(["sleep", "300"]), cid).returncode == 0
+    vm = served(factory, cid)
+    os.kill(vm["qemu_pid"], signal.SIGKILL)
+    wait_for(lambda: json.loads(run(frunv, factory, "state", cid).stdout or b"{}").get("status")
+             == "stopped", 30, what="the container to stop")
+    wait_for(lambda: vm["name"] not in factory.vm_dirs(), 10, what="the VM's directory to go")
+    assert not served(factory, cid)
+    assert run(frunv, factory, "delete", cid).returncode == 0
 
 
 def test_memory_files_are_private(factory):
@@ -297,7 +300,6 @@ def test_a_cri_pod_comes_from_the_factory(share):
     (a template's clone for 9p), reached from the host at the pod's address; a container
     with a memory limit grows it; it goes with the pod."""
     from cri.harness import RUNVPY_HANDLER, CriContainerd
-    from test_cri import MISSING, http_get
     if MISSING:
         pytest.skip(MISSING)
     node = new_factory(share)
@@ -325,12 +327,12 @@ def test_a_cri_pod_comes_from_the_factory(share):
         assert code == 0 and int(nproc) == min(2, os.cpu_count()), out  # the VM grew
         assert int(memtotal.split()[1]) > 512 * 1024, out
         ip = cri.client.pod_ip(pod)
-        text = wait_for(lambda: _try(lambda: http_get(f"http://{ip}:80/")), 60, "the pod's web")
+        text = wait_for(lambda: _try(lambda: http_get(f"http://{ip}:80/")), 60, what="the pod's web")
         assert text.strip() == page
         cri.client.stop_pod(pod)
         cri.client.remove_pod(pod)
-        wait_for(lambda: not alive(vm["qemu_pid"]), 15, "the pod's VM to stop")
-        wait_for(lambda: vm["name"] not in node.vm_dirs(), 10, "its directory to go")
+        wait_for(lambda: not alive(vm["qemu_pid"]), 15, what="the pod's VM to stop")
+        wait_for(lambda: vm["name"] not in node.vm_dirs(), 10, what="its directory to go")
     finally:
         forced = cri.stop()
         leftover = dispose(node)
