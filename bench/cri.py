@@ -24,8 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "tests"))
 from cri.harness import RUNC_HANDLER, RUNVPY_HANDLER, CriContainerd, cri_log_text  # noqa: E402
 from cri.config import missing_prerequisites  # noqa: E402
-from runv_py.compare.measure import descendants, pss_kb  # noqa: E402
-from pss import factory_kb, factory_status, pools_full, shim_of, vm_breakdown  # noqa: E402
+from pss import factory_kb, factory_status, pools_full, shim_of, tree_kb, vm_breakdown  # noqa: E402
 
 HANDLERS = (RUNC_HANDLER, RUNVPY_HANDLER)
 LINE = "first byte\n"
@@ -56,10 +55,6 @@ def pod_to_first_byte(cri: CriContainerd, handler: str, logs: str, n: int) -> fl
     return elapsed
 
 
-def tree_pss_mib(root: int) -> float:
-    return sum(pss_kb(pid) for pid in [root] + descendants(root)) / 1024
-
-
 def idle_pods(cri: CriContainerd, handler: str, logs: str, count: int) -> list:
     client = cri.client
     pods = []
@@ -75,7 +70,7 @@ def idle_pods(cri: CriContainerd, handler: str, logs: str, count: int) -> list:
         figures = [sum(vm_breakdown(shim_of(pod), pod, status).values()) / 1024 + share
                    for pod in pods]
     else:
-        figures = [tree_pss_mib(shim_of(pod)) for pod in pods]
+        figures = [tree_kb(shim_of(pod)) / 1024 for pod in pods]
     for pod in pods:
         client.stop_pod(pod)
         client.remove_pod(pod)

@@ -31,16 +31,15 @@ PARTS = ("shim", "guest_ram", "tcg_cache", "qemu", "virtiofsd", "factory")
 SETTLE = 3.0   # seconds for the guests to go idle before measuring
 
 
-def measure_pods(handler: str, pods: list, baseline_kb: int) -> dict:
-    """Per-pod figures (MiB) for the pods running now."""
+def per_pod(sandboxes: list, vms: bool, baseline_kb: int) -> dict:
+    """Per-sandbox figures (MiB) for ``sandboxes``, [(owner pid, name)] running now: the
+    median of each part, the factory's share, the MemAvailable drop. ``vms``: runv-py's
+    (split by component), else runc's (the owner's process tree)."""
     time.sleep(SETTLE)
-    status = factory_status() if handler == RUNVPY_HANDLER else {}
-    rows = []
-    for pod in pods:
-        owner = shim_of(pod)
-        rows.append(vm_breakdown(owner, pod, status) if handler == RUNVPY_HANDLER else
-                    {"shim": tree_kb(owner)})
-    n = len(pods)
+    status = factory_status() if vms else {}
+    rows = [vm_breakdown(owner, name, status) if vms else {"shim": tree_kb(owner)}
+            for owner, name in sandboxes]
+    n = len(sandboxes)
     out = {part: median([r.get(part, 0) for r in rows]) / 1024 for part in PARTS[:-1]}
     out["factory"] = factory_kb(status) / n / 1024
     out["total"] = sum(out[p] for p in PARTS)
@@ -68,7 +67,8 @@ def cri_run(steps: list) -> dict:
                     containers.append(cri.client.run_container(pod, "c", cri.BUSYBOX,
                                                                ["sleep", "3600"]))
                     pods.append(pod)
-                results[handler][target] = measure_pods(handler, pods, baseline)
+                results[handler][target] = per_pod([(shim_of(p), p) for p in pods],
+                                                   handler == RUNVPY_HANDLER, baseline)
                 print(f"{handler}: {target} pods: {results[handler][target]['total']:.1f} MiB "
                       "per pod", file=sys.stderr)
             # Every pod still answers: an exec in each, all of them running at once.
@@ -85,7 +85,6 @@ def cri_run(steps: list) -> dict:
 def cli_run(count: int) -> dict:
     """`run -d` of ``count`` idle containers per runtime: PSS per container (MiB)."""
     import subprocess
-    from runv_py.compare.measure import descendants
     results = {}
     idle = bundle(["sleep", "3600"], "density")
     runtimes = [("runv-py", RUNV)] + ([("runc", ["runc"])] if have_runc() else [])
@@ -99,20 +98,9 @@ def cli_run(count: int) -> dict:
                 subprocess.run(cmd + ["run", "-d", "-b", idle, cid], stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                timeout=120, check=True)
-            time.sleep(SETTLE)
-            status = factory_status() if name == "runv-py" else {}
-            rows = []
-            for cid in ids:
-                state = json.loads(subprocess.run(cmd + ["state", cid], capture_output=True,
-                                                  timeout=30).stdout)
-                pid = state["pid"]
-                rows.append(vm_breakdown(pid, cid, status) if name == "runv-py" else
-                            {"shim": tree_kb(pid) + sum(0 for _ in descendants(pid))})
-            out = {p: median([r.get(p, 0) for r in rows]) / 1024 for p in PARTS[:-1]}
-            out["factory"] = factory_kb(status) / count / 1024
-            out["total"] = sum(out[p] for p in PARTS)
-            out["mem_available_drop"] = (baseline - mem_available_kb()) / count / 1024
-            results[name] = out
+            pids = [json.loads(subprocess.run(cmd + ["state", cid], capture_output=True,
+                                              timeout=30).stdout)["pid"] for cid in ids]
+            results[name] = per_pod(list(zip(pids, ids)), name == "runv-py", baseline)
         finally:
             for cid in ids:
                 subprocess.run(cmd + ["delete", "-f", cid], capture_output=True, timeout=60)

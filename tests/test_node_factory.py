@@ -101,8 +101,17 @@ def new_factory(share: str) -> NodeFactory:
     return node
 
 
+def template_memory_files(node: NodeFactory) -> list:
+    from runv_py.vm.template import memory_file_for
+    templates = os.path.join(node.dir, "templates")
+    return [memory_file_for(os.path.join(templates, t)) for t in
+            (os.listdir(templates) if os.path.isdir(templates) else []) if not t.startswith(".")]
+
+
 def dispose(node: NodeFactory) -> list:
-    """Stop the factory, kill and remove whatever it left; returns the QEMU pids left."""
+    """Stop the factory, kill and remove whatever it left; returns what it left: QEMU
+    pids and template memory files (the factory removes its templates when it stops)."""
+    memory_files = template_memory_files(node)
     node.stop()
     deadline = time.monotonic() + 5
     while node.qemus() and time.monotonic() < deadline:
@@ -113,7 +122,10 @@ def dispose(node: NodeFactory) -> list:
     subprocess.run(["umount", "-R", "-l", os.path.join(node.dir, "vms")], capture_output=True,
                    timeout=30)
     subprocess.run(["rm", "-rf", node.dir], timeout=30)
-    return leftover
+    left_files = [f for f in memory_files if os.path.exists(f)]
+    for f in left_files:
+        os.unlink(f)
+    return leftover + left_files
 
 
 @pytest.fixture(params=["9p", "virtiofs"])
@@ -121,18 +133,16 @@ def factory(request):
     node = new_factory(request.param)
     yield node
     leftover = dispose(node)
-    assert not leftover, f"factory VMs leaked: {leftover}"
+    assert not leftover, f"factory VMs or memory files leaked: {leftover}"
 
 
 @pytest.fixture
 def frunv(tmp_path, factory):
     """The CLI with the test's factory on."""
     r = Runv(str(tmp_path / "state"), uuid.uuid4().hex[:8])
-    original = r.args
-    r.env = factory.env
     yield r
     for cid in os.listdir(r.root) if os.path.isdir(r.root) else []:
-        subprocess.run(original("delete", "--force", cid), env=factory.env, timeout=60,
+        subprocess.run(r.args("delete", "--force", cid), env=factory.env, timeout=60,
                        capture_output=True)
 
 
@@ -337,7 +347,7 @@ def test_a_cri_pod_comes_from_the_factory(share):
         forced = cri.stop()
         leftover = dispose(node)
     assert not forced, f"clean-up had to force: {forced}"
-    assert not leftover, f"factory VMs leaked: {leftover}"
+    assert not leftover, f"factory VMs or memory files leaked: {leftover}"
 
 
 def _try(fn):

@@ -36,6 +36,16 @@ def _connect() -> socket.socket:
     return sock
 
 
+def for_shim(driver, config: BootConfig, policy=None, template_dir: str = ""):
+    """The factory a shim gets its VM from: its own policy's or template's if it was
+    given one, else the node's factory, else a cold boot. Call it before the shim joins
+    a container's cgroup (a factory it starts must not be there) and before any thread."""
+    if policy or template_dir:
+        from ..vm.factory import OneShotFactory
+        return OneShotFactory(driver, policy, template_dir)
+    return NodeFactory.connect(driver, config) or DirectFactory(driver)
+
+
 def request(message: dict, timeout: float = 10.0) -> tuple:
     """One request to the factory: (reply, fds). Raises OSError if it is not there."""
     with _connect() as sock:

@@ -18,7 +18,7 @@ import time
 from ..hyperstart.errors import InvalidArgument, RunvError
 from ..host import proc as hostproc
 from ..vm.boot import BOOT_TIMEOUT, BootConfig
-from . import LOCK, SOCKET, VMS, path, wire
+from . import LOCK, SOCKET, TEMPLATES, VMS, path, wire
 from .vms import FactoryVM, key_of, make, recover
 
 log = logging.getLogger("runv_py.factory")
@@ -187,7 +187,8 @@ class Factory:
             elif op == "warm":  # keep a shape ready from now on (setup, tests, benchmarks)
                 pool = self.pool_for(BootConfig(**dict(request.get("config") or {})),
                                      int(request.get("nics", 0)))
-                wire.send(conn, {"ok": pool is not None, "reason": "too many shapes"})
+                wire.send(conn, {"ok": True} if pool is not None else
+                          {"ok": False, "reason": "too many shapes"})
             elif op == "status":
                 wire.send(conn, {"ok": True, **self.status()})
             elif op == "stop":
@@ -275,6 +276,15 @@ class Factory:
             pool.close()
 
 
+def remove_templates() -> None:
+    """The templates live as long as the factory that made them."""
+    from ..vm import template
+    templates = path(TEMPLATES)
+    for entry in os.listdir(templates) if os.path.isdir(templates) else []:
+        if not entry.startswith("."):  # the templates' lock files
+            template.remove(os.path.join(templates, entry))
+
+
 def own_cgroup() -> None:
     """Leave the cgroups of whoever started us (a shim's caller: conmon's, containerd's)
     for one of our own, where the pooled VMs are accounted too."""
@@ -297,6 +307,7 @@ def run(driver, pool_size: int, warm: list) -> int:
         log.info("a factory runs already")
         return 0
     os.makedirs(path(VMS), mode=0o700, exist_ok=True)
+    remove_templates()  # a killed predecessor's: their memory files would stay in /dev/shm
     own_cgroup()
     factory = Factory(driver, pool_size, warm)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -321,5 +332,6 @@ def run(driver, pool_size: int, warm: list) -> int:
             pass
         listener.close()
         factory.stop()
+        remove_templates()  # clones handed out keep their mappings of the memory files
         log.info("factory %d stopped; %d handed-out VMs go on", os.getpid(), len(factory.handed))
     return 0

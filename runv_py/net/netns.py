@@ -4,11 +4,11 @@ in for the system calls that must be made there (opening a tap)."""
 import json
 import os
 import subprocess
-import threading
-from typing import Callable, List
+from typing import Callable
 
 from ..hyperstart import syscalls as sc
 from ..hyperstart.errors import Internal, InvalidArgument
+from ..host.nsthread import in_namespace
 
 COMMAND_TIMEOUT = 30
 
@@ -40,26 +40,6 @@ def run(netns: str, *args: str, json_out: bool = False):
 
 
 def inside(netns: str, fn: Callable):
-    """``fn()`` run by a thread that has entered ``netns`` (network namespaces are per
-    thread); its result or exception comes back."""
-    box: List = []
-
-    def body():
-        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            sc.setns(target, sc.CLONE_NEWNET)
-            box.append((True, fn()))
-        except BaseException as e:  # handed back to the caller
-            box.append((False, e))
-        finally:
-            os.close(target)
-            # The thread ends here: its namespace goes with it, not with the process.
-    thread = threading.Thread(target=body, name="netns", daemon=True)
-    thread.start()
-    thread.join(COMMAND_TIMEOUT)
-    if not box:
-        raise Internal(f"entering {netns} did not finish")
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
+    """``fn()`` run by a thread that has entered ``netns``; its result or exception
+    comes back."""
+    return in_namespace(netns, sc.CLONE_NEWNET, fn, COMMAND_TIMEOUT)

@@ -12,6 +12,7 @@ import os
 
 from ..hyperstart import messages as m
 from ..hyperstart import syscalls
+from ..host.nsthread import in_namespace
 from ..oci.bundle import BundleError
 
 log = logging.getLogger("runv_py.sandbox")
@@ -22,32 +23,10 @@ def private_mount_namespace() -> None:
 
 
 def in_mount_namespace(pid: int, fn):
-    """``fn()`` in the mount namespace of ``pid`` (0: this one), run by a thread of its own
-    (a thread that stops sharing its filesystem context may enter another mount namespace
-    while the process's other threads stay), its result or exception handed back."""
+    """``fn()`` in the mount namespace of ``pid`` (0: this one)."""
     if not pid:
         return fn()
-    import threading
-    box = []
-
-    def body():
-        try:
-            ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                syscalls.unshare(syscalls.CLONE_FS)
-                syscalls.setns(ns, syscalls.CLONE_NEWNS)
-            finally:
-                os.close(ns)
-            box.append((True, fn()))
-        except BaseException as e:  # handed back to the caller
-            box.append((False, e))
-    thread = threading.Thread(target=body, name="mount-ns", daemon=True)
-    thread.start()
-    thread.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
+    return in_namespace(f"/proc/{pid}/ns/mnt", syscalls.CLONE_NEWNS, fn)
 
 
 def bind(source: str, target: str, ns_pid: int = 0) -> None:

@@ -57,21 +57,14 @@ class ShimServer:
 
     def boot(self) -> None:
         from ..drivers import probe
-        from ..factory.client import NodeFactory
+        from ..factory.client import for_shim
         from ..net import network_for
-        from ..vm.boot import BootConfig, DirectFactory
-        from ..vm.factory import OneShotFactory
+        from ..vm.boot import BootConfig
         params = self.params
-        driver = probe(params.driver)
         config = BootConfig(**params.config)
-        factory = None
-        if params.factory_policy or params.template_dir:
-            factory = OneShotFactory(driver, params.factory_policy, params.template_dir)
-        else:  # the node's factory, if on: asked before joining the container's cgroup
-            factory = NodeFactory.connect(driver, config)
+        factory = for_shim(probe(params.driver), config, params.factory_policy, params.template_dir)
         self.join_host_cgroup()
         private_mount_namespace()
-        factory = factory or DirectFactory(driver)
         network = network_for(self.bundle.spec)
         if network is not None:
             self.update(netns=network.netns)  # recorded first: delete releases it

@@ -176,26 +176,21 @@ def release_network(bundle: str) -> None:
 
 
 def serve(flags: Flags) -> int:
-    """The daemon: its own mount namespace first (the rootfs and the sandbox's share
-    mounts vanish with it), then the ttrpc server until Shutdown."""
+    """The daemon: where its VM will come from, its own mount namespace (the rootfs and
+    the sandbox's share mounts vanish with it), then the ttrpc server until Shutdown."""
     from ..drivers import probe
     from ..sandbox import private_mount_namespace
-    from ..vm.factory import OneShotFactory
     from . import config as shim_config
     from .service import TaskService
-    from ..factory.client import NodeFactory
+    from ..factory.client import for_shim
     from ..vm.boot import BootConfig
     bundle = os.getcwd()
     setup_logging(bundle, flags)
     config = shim_config.load()
-    driver = probe(config.driver)
-    node = None
-    if not (config.factory_policy or config.template):
-        node = NodeFactory.connect(driver, BootConfig(**config.boot_config()))
-    # Before any thread: unshare needs a single thread.
-    private_mount_namespace()
+    factory = for_shim(probe(config.driver), BootConfig(**config.boot_config()),
+                       config.factory_policy or None, config.template)
+    private_mount_namespace()  # before any thread: unshare needs a single thread
     listener = socket.socket(fileno=int(flags.get("socket") or 3))
-    factory = node or OneShotFactory(driver, config.factory_policy or None, config.template)
     service = TaskService(flags.get("namespace"), flags.get("id"), bundle,
                           os.environ.get("TTRPC_ADDRESS", ""), listener, config, factory)
     log.info("serving %s in %s", flags.get("id"), bundle)
