@@ -5,16 +5,16 @@ uncompressed PVH vmlinux. The agent's two virtio-serial ports, QMP and the seria
 live as files in the VM's directory; QEMU runs with that directory as its working
 directory so socket paths stay short whatever the container id.
 """
+import dataclasses
 import logging
 import os
-import shlex
 import signal
 import socket
 import subprocess
 import time
 
-from ..hyperstart import syscalls
-from . import DriverError, terminate, virtiofs
+from ..host import jail
+from . import DriverError, terminate, virtfs_proxy, virtiofs
 
 log = logging.getLogger("runv_py.drivers.qemu")
 
@@ -44,11 +44,6 @@ def share_kind(config, memory_file: str = "") -> str:
     """The share a VM gets: virtio-fs if asked for, except for a VM whose RAM is a
     template's file (vhost-user cannot serve a clone's private copy of it)."""
     return "virtiofs" if config.share == "virtiofs" and not memory_file else "9p"
-
-
-def _die_with_parent() -> None:
-    # QEMU must not outlive the thread that launched it (see vm/launcher.py).
-    syscalls.die_with_parent(signal.SIGKILL)
 
 
 # The TCG translation cache, in MiB. QEMU 7.2 reserves 1 GiB by default and a small
@@ -90,7 +85,10 @@ class QemuDriver:
         return " ".join(args + list(config.extra_cmdline))
 
     def command(self, config, name: str, share_dir: str, memory_file: str = "",
-                shared_memory: bool = False, incoming: bool = False, nics=()) -> list:
+                shared_memory: bool = False, incoming: bool = False, nics=(),
+                jailed: bool = False, proxy_fd: int = -1) -> list:
+        """QEMU's command line. A ``jailed`` QEMU runs under its seccomp sandbox; with
+        ``proxy_fd`` its 9p share is served by virtfs-proxy-helper over that socket."""
         machine = "microvm,acpi=off,rtc=on,pit=on,pic=on,isa-serial=on"
         accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else \
                 ["-accel", f"tcg,thread=multi,tb-size={TB_SIZE_MIB}"]
@@ -122,6 +120,8 @@ class QemuDriver:
                 SHARE_TAG, max(config.memory_mib, config.max_memory_mib))
             cmd += args
             machine += memory_option
+        elif proxy_fd >= 0:
+            cmd += virtfs_proxy.qemu_args(proxy_fd, SHARE_TAG)
         else:
             cmd += ["-fsdev", f"local,id=share,path={share_dir},security_model=passthrough,"
                               "multidevs=remap",
@@ -138,6 +138,8 @@ class QemuDriver:
                     "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac}"]
         if incoming:
             cmd += ["-incoming", "defer"]
+        if jailed:
+            cmd += ["-sandbox", jail.QEMU_SANDBOX]
         cmd += ["-machine", machine]
         return cmd
 
@@ -146,7 +148,8 @@ class QemuDriver:
                detached: bool = False) -> "QemuVM":
         """Start QEMU for ``config`` in ``workdir``; returns at once (the guest boots).
         A ``detached`` VM (the node factory's) does not die with the launching thread:
-        its owner changes after it has booted."""
+        its owner changes after it has booted. QEMU runs in its jail (host/jail.py)
+        unless the jail is turned off."""
         for path, what in ((config.kernel, "guest kernel"), (config.initrd, "initrd")):
             if not os.path.isfile(path):
                 raise DriverError(f"{what} {path} not found (run 'runv-py setup' or pass "
@@ -161,33 +164,67 @@ class QemuDriver:
         if share != config.share:
             log.info("%s shares over 9p, not virtio-fs: its RAM is a template's file, and "
                      "vhost-user cannot serve a clone's private copy of it", name)
-        vfsd = virtiofs.start(os.path.abspath(share_dir), workdir, detached) \
-            if share == "virtiofs" else None
+        jailed = jail.enabled()
+        share_dir = os.path.abspath(share_dir)
+        proxy_end = None
+        if share == "virtiofs":
+            server = virtiofs.start(share_dir, workdir, detached, jailed)
+        elif jailed:  # QEMU cannot serve a container's files without root: a helper does
+            server, proxy_end = virtfs_proxy.start(share_dir, workdir, detached)
+        else:
+            server = None
         try:
             nics = network.attach() if network is not None else []
-            cmd = self.command(config, name, os.path.abspath(share_dir), memory_file,
-                               shared_memory, incoming, nics)
-            log.debug("launching %s", " ".join(cmd))
-            with open(os.path.join(workdir, QEMU_LOG), "wb") as qlog:
-                try:
-                    proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL,
-                                            stdout=qlog, stderr=qlog,
-                                            preexec_fn=None if detached else _die_with_parent,
-                                            start_new_session=True,
-                                            pass_fds=[n.fd for n in nics])
-                except OSError as e:
-                    raise DriverError(f"cannot start {self.qemu}: {e}") from None
-                finally:
-                    if network is not None:
-                        network.close_fds()
+            fds = [n.fd for n in nics] + ([proxy_end.fileno()] if proxy_end else [])
+            try:
+                proc = self._spawn(config, workdir, name, share_dir, memory_file,
+                                   shared_memory, incoming, nics, detached, jailed,
+                                   proxy_end.fileno() if proxy_end else -1,
+                                   getattr(network, "netns", ""), fds)
+            finally:
+                if network is not None:
+                    network.close_fds()
+                if proxy_end is not None:
+                    proxy_end.close()
         except BaseException:
-            if vfsd is not None:
-                terminate(vfsd)
+            if server is not None:
+                terminate(server)
             raise
         if incoming:
             # A clone is driven over QMP at once: load the client while QEMU starts.
             import qemu.qmp.legacy  # noqa: F401
-        return QemuVM(self, proc, workdir, share, vfsd)
+        return QemuVM(self, proc, workdir, share, server)
+
+    def _spawn(self, config, workdir, name, share_dir, memory_file, shared_memory, incoming,
+               nics, detached, jailed, proxy_fd, netns, fds):
+        if jailed:
+            files = {} if incoming else {jail.INSIDE_KERNEL: config.kernel,
+                                         jail.INSIDE_INITRD: config.initrd}
+            if memory_file:
+                files[jail.INSIDE_MEMORY] = memory_file
+                memory_file = jail.INSIDE_MEMORY
+            inside = dataclasses.replace(config, kernel=jail.INSIDE_KERNEL,
+                                         initrd=jail.INSIDE_INITRD)
+            cmd = self.command(inside, name, share_dir, memory_file, shared_memory, incoming,
+                               nics, jailed=True, proxy_fd=proxy_fd)
+            try:
+                argv = jail.QemuJail(workdir, files, netns, not detached).argv(cmd)
+            except OSError as e:
+                raise DriverError(f"cannot set up QEMU's jail: {e}") from None
+        else:
+            cmd = self.command(config, name, share_dir, memory_file, shared_memory, incoming,
+                               nics)
+            # QEMU must not outlive the thread that launched it (see vm/launcher.py).
+            argv = cmd if detached else ["setpriv", "--pdeathsig", "KILL", "--", *cmd]
+        log.debug("launching %s", " ".join(cmd))
+        with open(os.path.join(workdir, QEMU_LOG), "wb") as qlog:
+            try:
+                proc = subprocess.Popen(argv, cwd=workdir, stdin=subprocess.DEVNULL,
+                                        stdout=qlog, stderr=qlog, start_new_session=True,
+                                        pass_fds=fds)
+            except OSError as e:
+                raise DriverError(f"cannot start {self.qemu}: {e}") from None
+        return jail.JailedProcess(proc) if jailed else proc
 
 
 class QemuVM:
@@ -197,22 +234,22 @@ class QemuVM:
     network_in_guest = True   # a pod's network is configured by the agent, in the guest
 
     def __init__(self, driver: QemuDriver, process: subprocess.Popen, workdir: str,
-                 share_kind: str = "9p", virtiofsd: subprocess.Popen = None):
+                 share_kind: str = "9p", share_server: subprocess.Popen = None):
         self.driver = driver
         self.process = process
         self.pid = process.pid
         self.workdir = workdir
         self.share_kind = share_kind  # "9p" or "virtiofs"
-        self.virtiofsd = virtiofsd
+        self.share_server = share_server  # virtiofsd or virtfs-proxy-helper, if any
         self._dirfd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
         self._qmp = None
 
     @classmethod
     def adopt(cls, driver: QemuDriver, qemu_pid: int, workdir: str, share_kind: str,
-              virtiofsd_pid: int = 0) -> "QemuVM":
+              share_server_pid: int = 0) -> "QemuVM":
         """A VM another process launched (the node factory), watched through pidfds."""
         from .adopted import Adopted
-        vfsd = Adopted(virtiofsd_pid) if virtiofsd_pid else None
+        vfsd = Adopted(share_server_pid) if share_server_pid else None
         try:
             return cls(driver, Adopted(qemu_pid), workdir, share_kind, vfsd)
         except BaseException:
@@ -258,9 +295,12 @@ class QemuVM:
         qemu_log = self.read_tail(QEMU_LOG, 1000).strip()
         if qemu_log:
             parts.append(f"QEMU said: {qemu_log}")
-        virtiofsd_log = self.read_tail(virtiofs.LOG, 1000).strip() if self.virtiofsd else ""
-        if virtiofsd_log:
-            parts.append(f"virtiofsd said: {virtiofsd_log}")
+        if self.share_server is not None:
+            kind, name = (("virtiofsd", virtiofs.LOG) if self.share_kind == "virtiofs"
+                          else ("virtfs-proxy-helper", virtfs_proxy.LOG))
+            server_log = self.read_tail(name, 1000).strip()
+            if server_log:
+                parts.append(f"{kind} said: {server_log}")
         console = self.console_tail()
         if console:
             parts.append(f"guest console (last lines):\n{console}")
@@ -313,7 +353,12 @@ class QemuVM:
         shared file, x-ignore-shared leaves it out: the state is tens of KB."""
         self.qmp_command("stop")
         self._ignore_shared_memory()
-        self.qmp_command("migrate", uri=f"exec:cat > {shlex.quote(path)}")
+        # Through an fd: a jailed QEMU can neither open the path nor run `cat` (spawn=deny).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            self.qmp_command("migrate", uri=f"fd:{self._send_fd(fd)}")
+        finally:
+            os.close(fd)
 
         def completed() -> bool:
             status = self.qmp_command("query-migrate").get("status")
@@ -325,7 +370,14 @@ class QemuVM:
     def load_state(self, path: str) -> None:
         """Load ``path`` into this incoming VM (launched with ``incoming``) and run it."""
         self._ignore_shared_memory()  # QEMU refuses the state of a VM saved with it otherwise
-        self.qmp_command("migrate-incoming", uri=f"exec:cat {shlex.quote(path)}")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise DriverError(f"cannot read the VM state {path}: {e}") from None
+        try:
+            self.qmp_command("migrate-incoming", uri=f"fd:{self._send_fd(fd)}")
+        finally:
+            os.close(fd)
 
         def loaded() -> bool:
             status = self.status()
@@ -334,6 +386,15 @@ class QemuVM:
             return status != "inmigrate"
         self._poll(loaded, "loading the VM state", interval=0.001)  # about 5 ms of work
         self.qmp_command("cont")
+
+    def _send_fd(self, fd: int, name: str = "migration") -> str:
+        """Give QEMU a copy of ``fd`` over QMP (SCM_RIGHTS); returns the name it has there."""
+        try:
+            self.qmp().send_fd_scm(fd)
+        except (OSError, Exception) as e:
+            raise DriverError(f"cannot pass a file to QEMU: {e}") from None
+        self.qmp_command("getfd", fdname=name)
+        return name
 
     def _ignore_shared_memory(self) -> None:
         self.qmp_command("migrate-set-capabilities",
@@ -359,8 +420,8 @@ class QemuVM:
     def stop(self, timeout: float = 3.0) -> None:
         """Stop QEMU: SIGTERM (QEMU exits cleanly at once), SIGKILL if it lingers."""
         terminate(self.process, timeout)
-        if self.virtiofsd is not None:
-            terminate(self.virtiofsd, timeout)
+        if self.share_server is not None:
+            terminate(self.share_server, timeout)
         self.close()
 
     def close(self) -> None:

@@ -8,10 +8,9 @@ sees (a namespace sandbox would copy the mount table at start and miss them).
 vhost-user needs the guest's RAM shared with it: the VM gets a memfd backend, share=on.
 """
 import os
-import signal
 import subprocess
 
-from ..hyperstart import syscalls
+from ..host import jail
 from . import DriverError
 
 VIRTIOFSD = os.environ.get("RUNV_VIRTIOFSD", "/usr/lib/qemu/virtiofsd")
@@ -33,13 +32,15 @@ def qemu_args(tag: str, memory_mib: int) -> tuple:
             ",memory-backend=mem0")
 
 
-def start(share_dir: str, workdir: str, detached: bool = False) -> subprocess.Popen:
+def start(share_dir: str, workdir: str, detached: bool = False,
+          jailed: bool = False) -> subprocess.Popen:
     """Start virtiofsd serving ``share_dir`` on ``workdir``/vfs.sock, a socket bound here
     and handed over with --fd: QEMU may connect at once (the connection waits in the
     backlog until virtiofsd accepts it). With --socket-path virtiofsd would also take a
     lock named after that path, which a relative path would make common to all VMs, and
     an absolute one can pass the 107 bytes a socket path may have. A ``detached``
-    virtiofsd (the node factory's) does not die with its launcher."""
+    virtiofsd (the node factory's) does not die with its launcher. A ``jailed`` one keeps
+    only the capabilities it needs, in fresh ipc, uts and network namespaces."""
     import socket
     if not available():
         raise DriverError(f"{VIRTIOFSD} not found (apt-get install qemu-system-common), "
@@ -56,14 +57,18 @@ def start(share_dir: str, workdir: str, detached: bool = False) -> subprocess.Po
         finally:
             os.close(dir_fd)
         listener.listen(1)
+        if jailed:  # QEMU connects as the VM user
+            uid, gid = jail.vm_user()
+            os.chown(os.path.join(workdir, SOCKET), uid, gid)
+        argv = [VIRTIOFSD, f"--fd={listener.fileno()}", "-o", f"source={share_dir}",
+                "-o", "sandbox=chroot", "-o", "cache=auto", "-o", "log_level=warn"]
+        if jailed:
+            argv = jail.share_server_argv(argv, die_with_parent=not detached)
+        elif not detached:
+            argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         with open(os.path.join(workdir, LOG), "wb") as log:
-            return subprocess.Popen(
-                [VIRTIOFSD, f"--fd={listener.fileno()}", "-o", f"source={share_dir}",
-                 "-o", "sandbox=chroot", "-o", "cache=auto", "-o", "log_level=warn"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                pass_fds=(listener.fileno(),),
-                preexec_fn=None if detached else
-                lambda: syscalls.die_with_parent(signal.SIGKILL))
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True, pass_fds=(listener.fileno(),))
     except OSError as e:
         raise DriverError(f"cannot start virtiofsd: {e}") from None
     finally:

@@ -28,20 +28,23 @@ INITRD = os.environ.get("RUNV_INITRD", paths.INITRD)
 
 def qemu_pids(tag: str) -> list:
     """Pids of QEMU processes whose -name carries ``tag``."""
-    out = subprocess.run(["pgrep", "-f", f"qemu-system.*runv-py:[^ ]*{tag}"],
+    # QEMU itself, not the jail's tools whose command lines carry QEMU's (host/jail.py).
+    out = subprocess.run(["pgrep", "-f", f"^[^ ]*qemu-system-x86_64 .*runv-py:[^ ]*{tag}"],
                          capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
 
 
-def virtiofsd_pids(tag: str) -> list:
-    """Pids of virtiofsd processes serving a share whose path carries ``tag``."""
-    out = subprocess.run(["pgrep", "-f", f"virtiofsd.*{tag}"], capture_output=True, text=True)
+def share_server_pids(tag: str) -> list:
+    """Pids of virtiofsd or virtfs-proxy-helper processes serving a share whose path
+    carries ``tag``."""
+    out = subprocess.run(["pgrep", "-f", f"^[^ ]*(virtiofsd|virtfs-proxy-helper) .*{tag}"],
+                         capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]
 
 
 def vm_pids(tag: str) -> list:
-    """What a VM whose name carries ``tag`` runs on the host: QEMU and virtiofsd."""
-    return qemu_pids(tag) + virtiofsd_pids(tag)
+    """What a VM whose name carries ``tag`` runs on the host: QEMU and its share's server."""
+    return qemu_pids(tag) + share_server_pids(tag)
 
 
 def wait_vms_gone(*tags: str, timeout: float = 5) -> list:

@@ -88,8 +88,9 @@ class NodeFactory:
         return sorted(os.listdir(vms)) if os.path.isdir(vms) else []
 
     def qemus(self) -> list:
-        """QEMU processes this factory's directory serves (pooled or handed out)."""
-        out = subprocess.run(["pgrep", "-f", f"qemu-system.*{self.dir}|virtiofsd.*{self.dir}"],
+        """QEMU processes (their jails' tools, whose command lines carry QEMU's and the VM's
+        directory) and share servers this factory's directory serves."""
+        out = subprocess.run(["pgrep", "-f", f"(qemu-system|virtiofsd|virtfs-proxy-helper).*{self.dir}"],
                              capture_output=True, text=True).stdout
         return [int(p) for p in out.split() if alive(int(p))]  # zombies are init's to reap
 

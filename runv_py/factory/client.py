@@ -132,9 +132,9 @@ class NodeFactory:
         vm = agent = None
         try:
             vm = QemuVM.adopt(self.driver, info["qemu_pid"], info["workdir"], info["share_kind"],
-                              info.get("virtiofsd_pid", 0))
+                              info.get("share_server_pid", 0))
             # The VM is this sandbox's: its cgroups (a container's cgroupsPath) hold it.
-            for pid in (info["qemu_pid"], info.get("virtiofsd_pid", 0)):
+            for pid in (info["qemu_pid"], info.get("share_server_pid", 0)):
                 if pid:
                     join_own_cgroups(pid)
             if network is not None:
@@ -156,7 +156,9 @@ class NodeFactory:
                  info.get("origin"), info["qemu_pid"])
         booted = BootedVM(vm, agent, info["share_dir"], BootConfig(**info["config"]),
                           origin="factory")
-        booted.mount_ns = info["qemu_pid"]  # the share's binds go where QEMU sees them
+        # The share's binds go where its server sees them: the proxy helper or virtiofsd
+        # (jailed), else QEMU (both in the factory's mount namespace).
+        booted.mount_ns = info.get("share_server_pid") or info["qemu_pid"]
         return booted
 
     def close(self) -> None:

@@ -126,7 +126,7 @@ class FactoryVM:
     share_kind: str
     origin: str                    # "template" (a clone) or "cold"
     process: object = None         # Popen (ours) or drivers.adopted.Adopted
-    virtiofsd: object = None
+    share_server: object = None     # virtiofsd or virtfs-proxy-helper
     qemu_start: str = ""
     nic: dict = dataclasses.field(default_factory=dict)     # {"tap", "mac"}
     agent: Optional[RawAgent] = None                        # until handed out
@@ -145,7 +145,7 @@ class FactoryVM:
         """What the shim is told (and what the record keeps)."""
         return {"name": self.name, "qemu_pid": self.process.pid if self.process else 0,
                 "qemu_start": self.qemu_start,
-                "virtiofsd_pid": self.virtiofsd.pid if self.virtiofsd else 0,
+                "share_server_pid": self.share_server.pid if self.share_server else 0,
                 "workdir": os.path.join(self.dir, "vm"), "share_dir": os.path.join(self.dir, "share"),
                 "share_kind": self.share_kind, "config": self.config, "origin": self.origin,
                 "nic": self.nic, "key": list(self.key), "owner_pid": self.owner_pid,
@@ -163,7 +163,7 @@ class FactoryVM:
         if self.agent is not None:
             self.agent.close()
             self.agent = None
-        for proc in (self.process, self.virtiofsd):
+        for proc in (self.process, self.share_server):
             if proc is not None:
                 terminate(proc)
         for fd in (self.pidfd, self.owner_fd):
@@ -199,7 +199,7 @@ def make(driver, name: str, key: tuple, config: BootConfig, nics: int) -> Factor
             used, origin = config, "cold"
         vm = FactoryVM(name=name, key=key, config=dataclasses.asdict(used),
                        share_kind=qemu.share_kind, origin=origin, process=qemu.process,
-                       virtiofsd=qemu.virtiofsd, qemu_start=hostproc.start_time(qemu.pid),
+                       share_server=qemu.share_server, qemu_start=hostproc.start_time(qemu.pid),
                        nic={"tap": nic.tap, "mac": nic.mac} if nic else {}, agent=agent)
         vm.pidfd = os.pidfd_open(qemu.pid)
         qemu.close()  # QMP and the directory fd: the shim opens its own
@@ -255,9 +255,9 @@ def recover(vm_dir: str) -> Optional[FactoryVM]:
         if qemu_alive:
             vm.process = Adopted(rec["qemu_pid"])
             vm.pidfd = os.pidfd_open(rec["qemu_pid"])
-            vfsd = rec.get("virtiofsd_pid") or 0
+            vfsd = rec.get("share_server_pid") or 0
             if vfsd and hostproc.alive(vfsd):
-                vm.virtiofsd = Adopted(vfsd)
+                vm.share_server = Adopted(vfsd)
         if qemu_alive and owner_alive:
             vm.owner_fd = os.pidfd_open(rec["owner_pid"])
             vm.handed_out = time.time()

@@ -22,6 +22,7 @@ import time
 from .. import paths
 from ..drivers import DriverError
 from ..hyperstart import messages as m
+from ..host import jail
 from ..hyperstart.errors import RunvError
 from .agent_client import AgentClient
 from .boot import (BOOT_TIMEOUT, BootConfig, BootedVM, DirectFactory, cold_boot_reason,
@@ -55,6 +56,8 @@ def _private_memory_file(path: str) -> None:
     os.chmod(os.path.dirname(path), 0o700)
     os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
     os.chmod(path, 0o600)
+    if jail.enabled():  # the VM user's own: every clone's QEMU opens it (host/jail.py)
+        os.chown(path, *jail.vm_user())
 
 
 def load(template_dir: str) -> dict:
