@@ -77,7 +77,7 @@ def vm_of(name: str, status: dict, owner: int) -> tuple:
     ``owner`` (a cold boot) whose -name carries it."""
     for vm in status.get("vms", []):
         if vm["container"] == name:
-            return vm["qemu_pid"], vm.get("virtiofsd_pid", 0)
+            return vm["qemu_pid"], vm.get("share_server_pid", 0)
     qemu = vfsd = 0
     for pid in descendants(owner):
         args = cmdline(pid)
@@ -103,7 +103,7 @@ def factory_kb(status: dict) -> int:
     if not status:
         return 0
     handed = {v["qemu_pid"] for v in status.get("vms", [])} | \
-        {v.get("virtiofsd_pid", 0) for v in status.get("vms", [])}
+        {v.get("share_server_pid", 0) for v in status.get("vms", [])}
     return tree_kb(status["pid"], skip=handed)
 
 

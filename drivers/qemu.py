@@ -8,7 +8,6 @@ directory so socket paths stay short whatever the container id.
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import subprocess
 import time

@@ -49,8 +49,8 @@ SHARE_SERVER_CAPS = ("chown", "dac_override", "fowner", "fsetid", "setgid", "set
 
 # Run by /bin/sh in the jail's new mount namespace: build the chroot, then exec QEMU
 # through unshare --root (the chroot) and setpriv (the user, no capabilities, no_new_privs).
-# Arguments: ROOT WORKDIR UID GID then pairs of (inside path, host path) up to "--", then
-# QEMU's command line.
+# Arguments: ROOT WORKDIR UID GID then triples (inside path, host path, ro|rw) up to "--",
+# then QEMU's command line.
 _SCRIPT = r'''set -eu
 root=$1 workdir=$2 uid=$3 gid=$4; shift 4
 mount -t tmpfs -o mode=0755,size=256k,nosuid,nodev,noexec runv-py-jail "$root"
@@ -63,8 +63,8 @@ for dev in null zero urandom; do
 done
 while [ "$1" != -- ]; do
     mkdir -p "$root$(dirname "$1")"; : > "$root$1"
-    mount --bind "$2" "$root$1"; mount -o remount,bind,ro,nosuid,nodev "$root$1"
-    shift 2
+    mount --bind "$2" "$root$1"; mount -o "remount,bind,$3,nosuid,nodev,noexec" "$root$1"
+    shift 3
 done
 shift
 mount -o remount,ro,nosuid,nodev,noexec "$root"
@@ -108,7 +108,8 @@ def vm_user() -> tuple:
 
 @dataclasses.dataclass
 class QemuJail:
-    """What one QEMU sees: its directory, and files bound read-only at inside paths."""
+    """What one QEMU sees: its directory, and files bound at inside paths (read-only but
+    for the RAM file, which QEMU 7.2 opens read-write)."""
     workdir: str
     files: dict = dataclasses.field(default_factory=dict)   # inside path -> host path
     netns: str = ""           # the pod's network namespace; "" for a fresh empty one
@@ -121,9 +122,9 @@ class QemuJail:
         os.makedirs(root, exist_ok=True)
         os.chown(self.workdir, uid, gid)
         os.chmod(self.workdir, 0o700)
-        pairs = []
+        binds = []
         for inside, host in sorted(self.files.items()):
-            pairs += [inside, host]
+            binds += [inside, host, "rw" if inside == INSIDE_MEMORY else "ro"]
         prefix = ["setpriv", "--pdeathsig", "KILL", "--"] if self.die_with_parent else []
         if self.netns:
             prefix += ["nsenter", f"--net={self.netns}", "--"]
@@ -131,7 +132,7 @@ class QemuJail:
                 "unshare", "--mount", "--propagation", "private", "--pid", "--fork",
                 "--kill-child", "--ipc", "--uts", *([] if self.netns else ["--net"]), "--",
                 "/bin/sh", "-c", _SCRIPT, "runv-py-jail", root, os.path.abspath(self.workdir),
-                str(uid), str(gid), *pairs, "--", *qemu_argv]
+                str(uid), str(gid), *binds, "--", *qemu_argv]
 
 
 def share_server_argv(argv: list, die_with_parent: bool) -> list:
