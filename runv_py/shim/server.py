@@ -58,6 +58,7 @@ class ShimServer:
     def boot(self) -> None:
         from ..drivers import probe
         from ..factory.client import for_shim
+        from ..host import specns
         from ..net import network_for
         from ..vm.boot import BootConfig
         params = self.params
@@ -68,6 +69,7 @@ class ShimServer:
         network = network_for(self.bundle.spec)
         if network is not None:
             self.update(netns=network.netns)  # recorded first: delete releases it
+        specns.enter(self.bundle.spec, self.bundle.hostname)  # our pid is the container's
         self.sandbox = Sandbox.boot(self.cid, factory, config, self.path,
                                     hostname=self.bundle.hostname, network=network)
         self.record.qemu_pid = self.sandbox.vm.pid
