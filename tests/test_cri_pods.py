@@ -15,6 +15,7 @@ from cri import api_pb2 as pb
 from cri.harness import ExecSyncTimeout, RUNVPY_HANDLER, cri_log_text
 from test_cri import MISSING, _busy_stats, _try_get, wait_for
 from test_cri import cri as private_containerd  # noqa: F401  (a fixture)
+from test_jail import assert_qemu_jailed, same_file
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300),
               pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
@@ -54,6 +55,11 @@ def test_a_pod_is_one_vm_with_the_pods_network(cri, tmp_path):
     ip = client.pod_ip(pod)
     [vm] = vm_of(pod)
     assert "tap0_eth0" in tc_and_taps(cri, pod)
+    # The pod's QEMU is jailed like a CLI container's, in the pod's network namespace.
+    assert_qemu_jailed(vm)
+    netns = [n["path"] for n in client.pod_info(pod)["runtimeSpec"]["linux"]["namespaces"]
+             if n["type"] == "network"][0]
+    assert same_file(f"/proc/{vm}/ns/net", netns)
     web = client.run_container(pod, "web", cri.BUSYBOX, ["sh", "-c"], [
         f"mkdir -p /www && echo '{page}' > /www/index.html && exec httpd -f -p 80 -h /www"])
     fetch = client.run_container(pod, "fetch", cri.BUSYBOX, ["sh", "-c"], [
