@@ -28,6 +28,10 @@ if [ -n "$missing" ]; then
     apt-get install -y -q --no-install-recommends $missing
 fi
 
+# The unprivileged user jailed QEMUs run as (runv_py/host/jail.py; made on first use too).
+id runv-py-vm >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin runv-py-vm
+
 echo "==> installing the runv-py Python package"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test,compare]'
 # The runv-py command as the fast launcher: pip's console script cannot pass -S, and the
