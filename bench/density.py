@@ -4,7 +4,8 @@ runc's handler and runv-py's side by side in one run; and N idle containers thro
 CLI (`runv-py run -d` against `runc run -d`).
 
 For every step of N it prints the PSS per pod split by component (runv-py: the shim,
-QEMU's guest RAM, its TCG translation cache, the rest of QEMU, virtiofsd, and the
+QEMU's guest RAM, its TCG translation cache, the rest of QEMU, the share's server
+(virtiofsd, or virtfs-proxy-helper for a jailed QEMU's 9p), and the
 factory's share: its own process and its ready VMs divided by N), and the drop in the
 host's MemAvailable divided by N; then draws PSS per pod against N (--chart).
 
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from cri.harness import RUNC_HANDLER, RUNVPY_HANDLER, CriContainerd  # noqa: E402
 from cri.config import missing_prerequisites  # noqa: E402
 
-PARTS = ("shim", "guest_ram", "tcg_cache", "qemu", "virtiofsd", "factory")
+PARTS = ("shim", "guest_ram", "tcg_cache", "qemu", "share_server", "factory")
 SETTLE = 3.0   # seconds for the guests to go idle before measuring
 
 

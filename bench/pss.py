@@ -73,8 +73,8 @@ def factory_status(env=None) -> dict:
 
 
 def vm_of(name: str, status: dict, owner: int) -> tuple:
-    """(QEMU pid, virtiofsd pid) serving ``name``: from the factory, else a QEMU below
-    ``owner`` (a cold boot) whose -name carries it."""
+    """(QEMU pid, share server pid: virtiofsd or virtfs-proxy-helper) serving ``name``:
+    from the factory, else a QEMU below ``owner`` (a cold boot)."""
     for vm in status.get("vms", []):
         if vm["container"] == name:
             return vm["qemu_pid"], vm.get("share_server_pid", 0)
@@ -83,17 +83,17 @@ def vm_of(name: str, status: dict, owner: int) -> tuple:
         args = cmdline(pid)
         if args and args[0].endswith("qemu-system-x86_64"):
             qemu = pid
-        elif args and args[0].endswith("virtiofsd"):
+        elif args and args[0].endswith(("virtiofsd", "virtfs-proxy-helper")):
             vfsd = pid
     return qemu, vfsd
 
 
 def vm_breakdown(owner: int, name: str, status: dict) -> dict:
     """PSS in KiB of one sandbox by component: its owner (shim), QEMU split three ways,
-    virtiofsd."""
+    the share's server (virtiofsd or virtfs-proxy-helper)."""
     qemu, vfsd = vm_of(name, status, owner)
     row = qemu_split(qemu) if qemu else {"guest_ram": 0, "tcg_cache": 0, "qemu": 0}
-    row["virtiofsd"] = tree_kb(vfsd) if vfsd else 0
+    row["share_server"] = tree_kb(vfsd) if vfsd else 0
     row["shim"] = tree_kb(owner, skip={qemu, vfsd} | set(descendants(qemu) if qemu else []))
     return row
 
