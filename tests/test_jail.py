@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
 NAMESPACES = ("net", "ipc", "uts", "pid", "mnt")
 # CAP_CHOWN 0, DAC_OVERRIDE 1, FOWNER 3, FSETID 4, SETGID 6, SETUID 7, MKNOD 27, SETFCAP 31
 SHARE_SERVER_CAPS = {0, 1, 3, 4, 6, 7, 27, 31}
+NET_ADMIN, SYS_MODULE, SYS_RAWIO, SYS_ADMIN, SYS_BOOT, SYS_TIME, BPF = 12, 16, 17, 21, 22, 25, 39
 # What QEMU's chroot holds: /usr read-only, /dev's null, zero and urandom, the boot files,
 # its VM directory.
 JAIL_ENTRIES = {"usr", "bin", "lib", "lib64", "dev", "boot", "vm"}
@@ -89,6 +90,11 @@ def test_qemu_and_the_share_server_are_jailed(runv, bundle, driver, request, wit
         # The pid runv-py reports carries the spec's namespaces: the given network one, new
         # ipc, uts (with the spec's hostname) and cgroup ones.
         shim = runv.state(cid)["pid"]
+        # The shim keeps what making a sandbox takes, not module loading, raw I/O, the
+        # clock, reboot or BPF; and no_new_privs.
+        assert {SYS_ADMIN, NET_ADMIN} <= caps(shim)
+        assert not caps(shim) & {SYS_MODULE, SYS_RAWIO, SYS_BOOT, SYS_TIME, BPF}
+        assert status(shim)["NoNewPrivs"] == "1"
         assert host_namespaces(shim, ("net", "ipc", "uts", "cgroup")) == []
         if path:
             assert same_file(f"/proc/{shim}/ns/net", path)

@@ -98,6 +98,7 @@ def _exec(params: ShimParams, stdio_fds, write_end: int) -> int:
 
 def serve(params: ShimParams, report_fd: int) -> int:
     """Run the shim in this process (logging to shim.log); returns its exit status."""
+    from ..host.privileges import confine_shim
     from ..logs import handler
     from .server import ShimServer
     root = logging.getLogger()
@@ -105,6 +106,7 @@ def serve(params: ShimParams, report_fd: int) -> int:
                              params.log_format)]
     root.setLevel(logging.INFO)
     try:
+        confine_shim()  # before any thread starts
         server = ShimServer(params)
     except Exception as e:
         os.write(report_fd, p.error(e))
