@@ -52,6 +52,32 @@ def test_cgroups_path_is_cleaned_under_the_hierarchy_as_runc_does(tmp_path):
             HostCgroup.for_path(bad)
 
 
+def test_resources_take_runcs_file_formats_and_conversions():
+    """runc's formats ("major:minor value") and its documented v2 conversions (shares
+    2..262144 -> cpu.weight 1..10000, 1024 -> 39; blkio weight 10..1000 -> io.weight
+    1..10000); update takes runc update's fields only."""
+    from runv_py.host import cglimits
+    writes = cglimits.v1_writes({"blockIO": {
+        "weightDevice": [{"major": 8, "minor": 0, "weight": 300, "leafWeight": 20}],
+        "throttleWriteBpsDevice": [{"major": 8, "minor": 16, "rate": 4096}]},
+        "network": {"priorities": [{"name": "eth0", "priority": 7}]}}, None)
+    assert [(c, n if isinstance(n, str) else n[-1], v) for c, n, v in writes] == [
+        ("blkio", "blkio.weight_device", "8:0 300"), ("blkio", "blkio.leaf_weight_device", "8:0 20"),
+        ("blkio", "blkio.throttle.write_bps_device", "8:16 4096"),
+        ("net_prio", "net_prio.ifpriomap", "eth0 7")]
+    v2 = dict(cglimits.v2_writes({"cpu": {"shares": 1024}, "blockIO": {"weight": 10}}, None))
+    assert (v2["cpu.weight"], v2["io.weight"]) == ("39", "1")
+    v2 = dict(cglimits.v2_writes({"cpu": {"shares": 262144}, "blockIO": {"weight": 1000}}, None))
+    assert (v2["cpu.weight"], v2["io.weight"]) == ("10000", "10000")
+    assert dict(cglimits.v2_writes({"cpu": {"shares": 2}}, None))["cpu.weight"] == "1"
+    assert cglimits.update_subset({"memory": {"limit": 1 << 30}, "hugepageLimits": [{}],
+                                   "cpu": {"shares": 5, "cpus": "1", "realtimeRuntime": 9},
+                                   "blockIO": {"weight": 20, "leafWeight": 30}}) == \
+        {"cpu": {"shares": 5, "cpus": "1"}, "blockIO": {"weight": 20}}
+    with pytest.raises(InvalidArgument):
+        cglimits.v1_writes({"hugepageLimits": [{"pageSize": "3MB", "limit": 1}]}, None)
+
+
 @pytest.fixture
 def v1_hierarchies():
     """net_cls, net_prio and hugetlb mounted as systemd mounts them in hybrid mode (and
@@ -69,6 +95,26 @@ def v1_hierarchies():
         for name in group.split(","):
             if not os.path.exists(f"{MOUNTS}/{name}"):
                 os.symlink(group, f"{MOUNTS}/{name}")
+
+
+def bfq_loop_device(tmp_path):
+    """(major, minor, path) of a loop device of our own with the BFQ scheduler, or None
+    where the kernel has no BFQ."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    dev = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
+                         text=True)
+    if dev.returncode != 0:
+        return None
+    name = os.path.basename(dev.stdout.strip())
+    try:
+        with open(f"/sys/block/{name}/queue/scheduler", "w") as f:
+            f.write("bfq")
+    except OSError:
+        subprocess.run(["losetup", "-d", dev.stdout.strip()])
+        return None
+    major, minor = open(f"/sys/block/{name}/dev").read().split(":")
+    return int(major), int(minor), dev.stdout.strip()
 
 
 def cgroup_file(controller: str, path: str, name: str) -> str:
@@ -94,7 +140,7 @@ def wait_for(check, what: str, timeout: float = 10):
 
 @pytest.mark.vm
 @pytest.mark.timeout(300)
-def test_the_host_cgroup_holds_the_specs_resources_where_runc_puts_it(runv, bundle,
+def test_the_host_cgroup_holds_the_specs_resources_where_runc_puts_it(runv, bundle, tmp_path,
                                                                        v1_hierarchies):
     if os.cpu_count() < 2:
         pytest.skip("pins two vCPUs to two host CPUs")
@@ -116,7 +162,21 @@ def test_the_host_cgroup_holds_the_specs_resources_where_runc_puts_it(runv, bund
     }
     b = bundle(["sleep", "600"], linux__cgroupsPath="/../../../../.." + escape,
                linux__resources=resources)
+    loop = bfq_loop_device(tmp_path)
     try:
+        if loop is not None:  # a weight for a device needs BFQ on it
+            resources["blockIO"]["weightDevice"] = [{"major": loop[0], "minor": loop[1],
+                                                     "weight": 700}]
+            b = bundle(["sleep", "600"], linux__cgroupsPath="/../../../../.." + escape,
+                       linux__resources=resources)
+        # leafWeight is CFQ's, gone since Linux 5.0: refused as runc refuses it, and the
+        # half-made cgroup is gone.
+        if not glob.glob(f"{MOUNTS}/blkio/*/blkio.leaf_weight"):
+            refused = runv.detached("create", "-b", bundle(["true"], linux__cgroupsPath=escape,
+                                    linux__resources={"blockIO": {"leafWeight": 20}}),
+                                    runv.id("leaf"), check=False)
+            assert refused.returncode != 0 and b"leaf_weight" in refused.stderr, refused.stderr
+            assert not [d for d in glob.glob(f"{MOUNTS}/*{path}")], "a refused create left its cgroup"
         runv.detached("run", "-d", "-b", b, cid)
         assert not os.path.exists(escape), "the cgroup path climbed out of the hierarchy"
         [qemu] = qemu_pids(cid)
@@ -138,6 +198,10 @@ def test_the_host_cgroup_holds_the_specs_resources_where_runc_puts_it(runv, bund
         assert cgroup_file("blkio", path, "blkio.throttle.read_bps_device") == \
             f"{major}:{minor} {1 << 20}"
         assert cgroup_file("blkio", path, "blkio.throttle.write_iops_device") == f"{major}:{minor} 100"
+        if loop is not None:
+            device = [n for n in ("blkio.bfq.weight_device", "blkio.weight_device")
+                      if os.path.exists(f"{MOUNTS}/blkio{path}/{n}")][0]
+            assert f"{loop[0]}:{loop[1]} 700" in cgroup_file("blkio", path, device).splitlines()
         assert cgroup_file("hugetlb", path, f"hugetlb.{page}.limit_in_bytes") == str(4 << 20)
         assert cgroup_file("net_cls", path, "net_cls.classid") == str(0x100001)
         assert "lo 5" in cgroup_file("net_prio", path, "net_prio.ifpriomap").splitlines()
@@ -164,6 +228,8 @@ def test_the_host_cgroup_holds_the_specs_resources_where_runc_puts_it(runv, bund
         left = [d for d in glob.glob(f"{MOUNTS}/*{path}") if os.path.exists(d)]
         assert not left, f"cgroups left after delete: {left}"
     finally:
+        if loop is not None:
+            subprocess.run(["losetup", "-d", loop[2]])
         leftover = os.path.exists(escape)
         subprocess.run(["rm", "-rf", escape])
         for d in glob.glob(f"{MOUNTS}/*{path}"):

@@ -181,8 +181,13 @@ def move_to(pid: int, proc_cgroup_lines: list) -> None:
 
 
 def _write(path: str, name: str, value: str) -> None:
+    """Write a cgroup file that must exist (no O_CREAT: cgroupfs answers EACCES to that)."""
     try:
-        write_file(os.path.join(path, name), value)
+        fd = os.open(os.path.join(path, name), os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise FailedPrecondition(f"cannot set {name}: this kernel has no such file in "
                                  f"{path}") from None
