@@ -76,6 +76,11 @@ def test_resources_take_runcs_file_formats_and_conversions():
         {"cpu": {"shares": 5, "cpus": "1"}, "blockIO": {"weight": 20}}
     with pytest.raises(InvalidArgument):
         cglimits.v1_writes({"hugepageLimits": [{"pageSize": "3MB", "limit": 1}]}, None)
+    # `runv-py features` states the README's rules.
+    from runv_py.oci.features import features
+    notes = features()["annotations"]
+    assert f"limit + {PIDS_HEADROOM} " in notes["io.github.runv-py.hostCgroup.pids"]
+    assert f"quota + {QUOTA_HEADROOM_PER_100MS} us per 100 ms" in notes["io.github.runv-py.hostCgroup.cpu"]
 
 
 @pytest.fixture

@@ -63,6 +63,8 @@ class HostCgroup:
         for controller, path in self.controllers.items():
             if controller == "cpuset":
                 self._make_cpuset(path)
+            elif controller == "":
+                _make_v2(path)
             os.makedirs(path, exist_ok=True)
         self.set(resources, vm_memory_mib)
 
@@ -193,6 +195,23 @@ def _write(path: str, name: str, value: str) -> None:
                                  f"{path}") from None
     except OSError as e:
         raise InvalidArgument(f"cannot set {name} to {value!r}: {e.strerror}") from None
+
+
+def _make_v2(path: str) -> None:
+    """cgroup v2: each level from the root down delegates every controller it has to its
+    children (as runc does); a level that cannot (it holds processes) is left as it is,
+    and a value for a controller it did not delegate is then refused."""
+    parts = os.path.relpath(path, UNIFIED).split(os.sep)
+    level = UNIFIED
+    for part in parts:
+        controllers = _read(level, "cgroup.controllers").split()
+        for name in controllers:
+            try:
+                write_file(os.path.join(level, "cgroup.subtree_control"), f"+{name}")
+            except OSError:
+                pass
+        level = os.path.join(level, part)
+        os.makedirs(level, exist_ok=True)
 
 
 def _write_period(path: str, value: str) -> None:

@@ -235,7 +235,8 @@ class ShimServer:
     def op_update(self, req: p.Update, fds, conn) -> dict:
         self.sandbox.update(self.cid, req.resources or {})
         if self.host_cgroup is not None:      # where runc applies them: the host cgroup
-            self.host_cgroup.update(req.resources or {}, self.sandbox.vm)
+            with self.sandbox.lock:           # one QMP user at a time (pause takes it too)
+                self.host_cgroup.update(req.resources or {}, self.sandbox.vm)
         return {}
 
     def op_shutdown(self, req: p.Shutdown, fds, conn) -> dict:
