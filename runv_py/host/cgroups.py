@@ -116,17 +116,16 @@ class HostCgroup:
 
     def _make_cpuset(self, path: str) -> None:
         """A new v1 cpuset starts with no cpus or mems, and takes no task until it has
-        some: each new level gets its parent's (as runc does)."""
-        root = self.roots.get("cpuset", "")
-        missing = []
-        while not os.path.isdir(path) and path != root and len(path) > len(root):
-            missing.append(path)
-            path = os.path.dirname(path)
-        for level in reversed(missing):
+        some: each level down from the root gets its parent's where it has none (as runc
+        does)."""
+        root = self.roots.get("cpuset", os.path.dirname(path))
+        level = root
+        for part in os.path.relpath(path, root).split(os.sep):
+            parent, level = level, os.path.join(level, part)
             os.makedirs(level, exist_ok=True)
             for name in ("cpuset.cpus", "cpuset.mems"):
                 if not _read(level, name):
-                    write_file(os.path.join(level, name), _read(os.path.dirname(level), name))
+                    _write(level, name, _read(parent, name))
 
     def _write_v1(self, path: str, name, value: str) -> None:
         if isinstance(name, tuple):   # the first of these that exists (None: optional)
