@@ -76,6 +76,10 @@ def test_resources_take_runcs_file_formats_and_conversions():
         {"cpu": {"shares": 5, "cpus": "1"}, "blockIO": {"weight": 20}}
     with pytest.raises(InvalidArgument):
         cglimits.v1_writes({"hugepageLimits": [{"pageSize": "3MB", "limit": 1}]}, None)
+    # The guest's cpu.max as runc writes it: no period, no period in the file.
+    from runv_py.oci.resources import cgroup_limits
+    assert cgroup_limits({"cpu": {"quota": 150000}}) == {"cpu.max": "150000"}
+    assert cgroup_limits({"cpu": {"period": 50000}}) == {"cpu.max": "max 50000"}
     # `runv-py features` states the README's rules.
     from runv_py.oci.features import features
     notes = features()["annotations"]
@@ -213,6 +217,14 @@ def test_the_host_cgroup_holds_the_specs_resources_where_runc_puts_it(runv, bund
         # quota / period = 2 vCPUs on the 2 CPUs of cpus: one vCPU thread on each.
         pinned = sorted(a for a in vcpu_affinities(qemu) if a in ("0", "1"))
         assert pinned == ["0", "1"], vcpu_affinities(qemu)
+
+        # A quota alone keeps the period the cgroups have (as runc writes it), on the
+        # host (its headroom per that period) and in the guest.
+        runv("update", "--cpu-quota", "150000", cid, check=True)
+        assert cgroup_file("cpu", path, "cpu.cfs_quota_us") == \
+            str(150000 + QUOTA_HEADROOM_PER_100MS * 50000 // 100000)
+        guest = runv("exec", cid, "cat", "/sys/fs/cgroup/cpu.max", check=True)
+        assert guest.stdout.decode().split() == ["150000", "50000"], guest.stdout
 
         # runc update's fields reach the host cgroup; a new cpuset re-pins the vCPUs.
         runv("update", "--cpu-share", "256", "--cpu-period", "100000", "--cpu-quota", "200000",

@@ -100,10 +100,19 @@ class HostCgroup:
         """`runc update`'s fields of ``resources``; ``vm``'s vCPU threads re-pinned (a
         new cpuset gives every thread in it the whole set again)."""
         subset = cglimits.update_subset(resources)
+        cpu = subset.get("cpu") or {}
+        if cpu.get("quota") and not cpu.get("period"):
+            cpu["period"] = self._period()    # the headroom is per period: the one it has
         if subset:
             self.set(subset)
             if vm is not None and (subset.get("cpu") or {}).get("cpus"):
                 self.pin(vm)
+
+    def _period(self) -> int:
+        if "" in self.controllers:
+            fields = _read(self.controllers[""], "cpu.max").split()
+            return int(fields[1]) if len(fields) == 2 else 100000
+        return int(_read(self.controllers.get("cpu", ""), "cpu.cfs_period_us") or 100000)
 
     def pin(self, vm) -> None:
         """Pin ``vm``'s vCPU threads to the spec's cpus (nothing without cpus)."""
