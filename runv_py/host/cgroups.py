@@ -57,9 +57,12 @@ class HostCgroup:
         dirs = list(dict.fromkeys(controllers.values()))   # co-mounted ones once
         return cls(dirs, controllers, roots)
 
-    def create(self, resources: dict, vm_memory_mib: Optional[int]) -> None:
+    def create(self, resources: Optional[dict] = None, vm_memory_mib: Optional[int] = None,
+               _unused=None) -> None:
         """Make the directories and write the values ``resources`` ask for (typed errors,
-        as runc fails, for a value the kernel refuses or a controller not mounted)."""
+        as runc fails, for a value the kernel refuses or a controller not mounted). The
+        factory's call (factory/daemon.py) still passes a third argument, a period."""
+        resources = resources or {}
         for controller, path in self.controllers.items():
             if controller == "cpuset":
                 self._make_cpuset(path)
@@ -155,8 +158,9 @@ class HostCgroup:
                                   f"{_read(path, name)}")
 
     def join(self, pid: int = 0) -> None:
+        """Move ``pid`` (0: this process) here; OSError if the kernel refuses."""
         for path in self.dirs:
-            _write(path, "cgroup.procs", str(pid))
+            write_file(os.path.join(path, "cgroup.procs"), str(pid))
 
     def remove(self) -> None:
         for path in self.dirs:
