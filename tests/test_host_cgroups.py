@@ -116,14 +116,23 @@ def bfq_loop_device(tmp_path):
     if dev.returncode != 0:
         return None
     name = os.path.basename(dev.stdout.strip())
+    scheduler = f"/sys/block/{name}/queue/scheduler"
+    was = open(scheduler).read().split("[")[1].split("]")[0]
     try:
-        with open(f"/sys/block/{name}/queue/scheduler", "w") as f:
+        with open(scheduler, "w") as f:
             f.write("bfq")
     except OSError:
         subprocess.run(["losetup", "-d", dev.stdout.strip()])
         return None
     major, minor = open(f"/sys/block/{name}/dev").read().split(":")
-    return int(major), int(minor), dev.stdout.strip()
+    return int(major), int(minor), dev.stdout.strip(), was
+
+
+def release_loop_device(loop) -> None:
+    """The scheduler back as it was (the device is the next user's), then detached."""
+    with open(f"/sys/block/{os.path.basename(loop[2])}/queue/scheduler", "w") as f:
+        f.write(loop[3])
+    subprocess.run(["losetup", "-d", loop[2]])
 
 
 def cgroup_file(controller: str, path: str, name: str) -> str:
@@ -246,7 +255,7 @@ def test_the_host_cgroup_holds_the_specs_resources_where_runc_puts_it(runv, bund
         assert not left, f"cgroups left after delete: {left}"
     finally:
         if loop is not None:
-            subprocess.run(["losetup", "-d", loop[2]])
+            release_loop_device(loop)
         leftover = os.path.exists(escape)
         subprocess.run(["rm", "-rf", escape])
         for d in glob.glob(f"{MOUNTS}/*{path}"):
