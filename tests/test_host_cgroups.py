@@ -5,7 +5,6 @@ each test writes and runc's documented rules, with the VM's headroom the README 
 import glob
 import os
 import subprocess
-import time
 
 import pytest
 
@@ -149,13 +148,6 @@ def vcpu_affinities(qemu: int) -> list:
     return lists
 
 
-def wait_for(check, what: str, timeout: float = 10):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 @pytest.mark.vm
 @pytest.mark.timeout(300)
 def test_the_host_cgroup_holds_the_specs_resources_where_runc_puts_it(runv, bundle, tmp_path,
@@ -178,15 +170,12 @@ def test_the_host_cgroup_holds_the_specs_resources_where_runc_puts_it(runv, bund
         "hugepageLimits": [{"pageSize": page, "limit": 4 << 20}],
         "network": {"classID": 0x100001, "priorities": [{"name": "lo", "priority": 5}]},
     }
+    loop = bfq_loop_device(tmp_path)
+    if loop is not None:  # a weight for a device needs BFQ on it
+        resources["blockIO"]["weightDevice"] = [{"major": loop[0], "minor": loop[1], "weight": 700}]
     b = bundle(["sleep", "600"], linux__cgroupsPath="/../../../../.." + escape,
                linux__resources=resources)
-    loop = bfq_loop_device(tmp_path)
     try:
-        if loop is not None:  # a weight for a device needs BFQ on it
-            resources["blockIO"]["weightDevice"] = [{"major": loop[0], "minor": loop[1],
-                                                     "weight": 700}]
-            b = bundle(["sleep", "600"], linux__cgroupsPath="/../../../../.." + escape,
-                       linux__resources=resources)
         # leafWeight is CFQ's, gone since Linux 5.0: refused as runc refuses it, and the
         # half-made cgroup is gone.
         if not glob.glob(f"{MOUNTS}/blkio/*/blkio.leaf_weight"):
