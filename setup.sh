@@ -43,6 +43,23 @@ cat > "$SCRIPT" <<EOF
 exec "$("$PYTHON" -c 'import sys; print(sys.executable)')" -S "$PWD/runv_py/cli/launch.py" "\$@"
 EOF
 
+# A cgroup v1 (hybrid) host whose image mounted only some controllers: mount the rest as
+# systemd does, so a container's net_cls, net_prio and hugetlb values have somewhere to go
+# (runv-py refuses a value for a controller no hierarchy has, as runc does).
+if [ -d /sys/fs/cgroup/memory ] && [ ! -f /sys/fs/cgroup/cgroup.controllers ]; then
+    for group in net_cls,net_prio hugetlb perf_event; do
+        mounted=" $(grep ' - cgroup ' /proc/self/mountinfo | awk '{print $NF}' | tr , ' ' | tr '\n' ' ' || true) "
+        [[ "$mounted" == *" ${group%%,*} "* ]] && continue
+        grep -qw "^${group%%,*}" /proc/cgroups || continue
+        echo "==> mounting the cgroup v1 hierarchy $group"
+        mkdir -p "/sys/fs/cgroup/$group"
+        mount -t cgroup -o "$group" cgroup "/sys/fs/cgroup/$group"
+        for name in ${group//,/ }; do
+            [ -e "/sys/fs/cgroup/$name" ] || ln -s "$group" "/sys/fs/cgroup/$name"
+        done
+    done
+fi
+
 LIB_DIR=/var/lib/runv-py                      # == runv_py/paths.py
 export RUNV_CACHE="${RUNV_CACHE:-/var/cache/runv-py}"
 bash kernel/build.sh "$LIB_DIR/kernel"

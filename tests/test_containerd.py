@@ -464,3 +464,35 @@ def test_task_exiting_while_containerd_is_down(containerd):
     r = containerd.ctr("task", "rm", cid)
     assert r.returncode == 0 and "exit code 7" in r.stderr, r  # ctr warns about the status
     containerd.check("containers", "rm", cid)
+
+
+def test_a_climbing_cgroups_path_stays_in_the_hierarchy(containerd):
+    """ctr passes --cgroup verbatim as the spec's cgroupsPath: the shim v2 cleans it as
+    runc does (rooted at "/", so ".." cannot leave the hierarchy), its VM lives there
+    with the spec's cpu shares, and the cgroup goes with the task."""
+    if not os.path.isdir("/sys/fs/cgroup/memory"):
+        pytest.skip("reads cgroup v1 files: this host runs cgroup v2")
+    cid = f"cg-{containerd.tag}"
+    escape = f"/tmp/cgescape-{cid}"
+    try:
+        containerd.check("run", "-d", "--runtime", RUNTIME, "--cgroup", "/../../../../.." + escape,
+                         "--cpu-shares", "512", IMAGE, cid, "sleep", "600")
+        containerd.wait_status(cid, "RUNNING")
+        assert not os.path.exists(escape), "the cgroup path climbed out of the hierarchy"
+        [qemu] = qemu_pids(containerd.tag)
+        groups = dict(line.strip().split(":", 2)[1:] for line in open(f"/proc/{qemu}/cgroup"))
+        assert groups["memory"] == escape and groups["cpu"] == escape, groups
+        with open(f"/sys/fs/cgroup/cpu{escape}/cpu.shares") as f:
+            assert f.read().strip() == "512"
+        containerd.check("task", "kill", "-s", "KILL", cid)
+        containerd.wait_status(cid, "STOPPED")
+        containerd.check("task", "rm", cid)
+        containerd.check("containers", "rm", cid)
+        assert not [d for d in os.listdir("/sys/fs/cgroup")
+                    if os.path.isdir(f"/sys/fs/cgroup/{d}{escape}")], "the cgroup outlived its task"
+    finally:
+        leftover = os.path.exists(escape)
+        subprocess.run(["rm", "-rf", escape])
+        for d in os.listdir("/sys/fs/cgroup"):   # the parent made for it, if now empty
+            subprocess.run(["rmdir", f"/sys/fs/cgroup/{d}/tmp"], capture_output=True)
+    assert not leftover, "the cgroup path climbed out of the hierarchy"

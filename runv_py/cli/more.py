@@ -27,11 +27,17 @@ def parse_bytes(value: str) -> int:
 @click.option("--cpu-quota", type=int, default=None, help="CPU CFS quota (microseconds).")
 @click.option("--cpu-period", type=int, default=None, help="CPU CFS period (microseconds).")
 @click.option("--pids-limit", type=int, default=None, help="Maximum number of processes.")
+@click.option("--cpu-share", type=int, default=None, help="CPU shares (relative weight).")
+@click.option("--cpuset-cpus", default="", help="CPUs to use (0-3, 0,1).")
+@click.option("--cpuset-mems", default="", help="Memory nodes to use (0-3, 0,1).")
+@click.option("--blkio-weight", type=int, default=None, help="Block IO weight (10 to 1000).")
 @click.argument("container_id")
 @click.pass_obj
 @runtime_errors
-def update(opts, resources_file, memory, cpu_quota, cpu_period, pids_limit, container_id):
-    """Update a container's resource limits (in its cgroup in the VM)."""
+def update(opts, resources_file, memory, cpu_quota, cpu_period, pids_limit, cpu_share,
+           cpuset_cpus, cpuset_mems, blkio_weight, container_id):
+    """Update a container's resource limits (in its cgroup in the VM, and on the host
+    where runc applies them: its cgroupsPath)."""
     from ..hyperstart.errors import InvalidArgument
     from ..shim import lifecycle
     from ..shim import protocol as p
@@ -50,6 +56,12 @@ def update(opts, resources_file, memory, cpu_quota, cpu_period, pids_limit, cont
         resources.setdefault("cpu", {})["period"] = cpu_period
     if pids_limit is not None:
         resources.setdefault("pids", {})["limit"] = pids_limit
+    for key, value in (("shares", cpu_share), ("cpus", cpuset_cpus or None),
+                       ("mems", cpuset_mems or None)):
+        if value is not None:
+            resources.setdefault("cpu", {})[key] = value
+    if blkio_weight is not None:
+        resources.setdefault("blockIO", {})["weight"] = blkio_weight
     lifecycle.request(opts.root, container_id, p.Update(resources=resources))
 
 

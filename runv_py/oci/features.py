@@ -23,8 +23,9 @@ def features() -> dict:
             # network namespace is the VM's, shared by the containers of a sandbox.
             "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts"],
             "capabilities": [f"CAP_{name}" for name in CAPABILITIES],
-            # cgroupsPath on the host: either hierarchy; systemd-style paths are made
-            # as cgroupfs directories (runv-py does not talk to systemd).
+            # cgroupsPath on the host: either hierarchy, cleaned as runc does; systemd-style
+            # paths are made as cgroupfs directories (runv-py does not talk to systemd).
+            # What the host cgroup holds: the annotations io.github.runv-py.hostCgroup.*.
             "cgroup": {"v1": True, "v2": True, "systemd": False, "systemdUser": False},
             "seccomp": {"enabled": True, "actions": sorted(seccomp.ACTIONS),
                         "operators": sorted(seccomp.COMPARE), "archs": SECCOMP_ARCHS},
@@ -35,6 +36,10 @@ def features() -> dict:
         "annotations": {"io.github.runv-py.version": __version__,
                         "io.github.runv-py.isolation": "vm"},
     }
+    from ..host.cglimits import rules
+    from .resources import VM_MEMORY_OVERHEAD_MIB
+    for kind, rule in rules(VM_MEMORY_OVERHEAD_MIB).items():
+        doc["annotations"][f"io.github.runv-py.hostCgroup.{kind}"] = rule
     version = seccomp.library_version()
     if version:
         doc["annotations"]["io.github.seccomp.libseccomp.version"] = version

@@ -16,9 +16,11 @@ def cgroup_limits(resources: dict) -> dict:
     if limit:
         values["memory.max"] = str(limit) if limit > 0 else "max"
     cpu = resources.get("cpu") or {}
-    if cpu.get("quota"):
-        quota = cpu["quota"]
-        values["cpu.max"] = f"{quota if quota > 0 else 'max'} {cpu.get('period') or 100000}"
+    if cpu.get("quota") or cpu.get("period"):
+        # As runc writes it: without a period the kernel keeps the one the cgroup has.
+        quota = cpu.get("quota") or 0
+        values["cpu.max"] = f"{quota if quota > 0 else 'max'}" + \
+            (f" {cpu['period']}" if cpu.get("period") else "")
     pids = (resources.get("pids") or {}).get("limit")
     if pids:
         values["pids.max"] = str(pids) if pids > 0 else "max"

@@ -39,6 +39,7 @@ class ShimServer:
         self.bundle = oci.load(params.bundle)
         self.sandbox = None
         self.container: Container = None
+        self.host_cgroup = None       # linux.cgroupsPath on the host (host/cgroups.py)
         self.record = Record(id=self.cid, status=states.CREATING, pid=os.getpid(),
                              bundle=self.bundle.path, rootfs=self.bundle.rootfs,
                              created=now_rfc3339(), owner="root",
@@ -73,6 +74,8 @@ class ShimServer:
         self.sandbox = Sandbox.boot(self.cid, factory, config, self.path,
                                     hostname=self.bundle.hostname, network=network)
         self.record.qemu_pid = self.sandbox.vm.pid
+        if self.host_cgroup is not None:
+            self.host_cgroup.pin(self.sandbox.vm)
         self.sandbox.listeners.append(self.on_exit)
         self.container = self.sandbox.create_container(
             self.cid, self.bundle, self.init_io(), host_pid=os.getpid(),
@@ -88,6 +91,7 @@ class ShimServer:
         cgroup = HostCgroup.for_path(self.bundle.cgroups_path)
         self.update(host_cgroups=cgroup.dirs)  # recorded first: delete removes them
         cgroup.enter(self.bundle.resources, self.params.config["memory_mib"])
+        self.host_cgroup = cgroup
 
     def init_io(self) -> ProcessIO:
         """The init's stdio: ours (inherited from create), or a pty for a terminal."""
@@ -232,6 +236,9 @@ class ShimServer:
 
     def op_update(self, req: p.Update, fds, conn) -> dict:
         self.sandbox.update(self.cid, req.resources or {})
+        if self.host_cgroup is not None:      # where runc applies them: the host cgroup
+            with self.sandbox.lock:           # one QMP user at a time (pause takes it too)
+                self.host_cgroup.update(req.resources or {}, self.sandbox.vm)
         return {}
 
     def op_shutdown(self, req: p.Shutdown, fds, conn) -> dict:

@@ -106,6 +106,8 @@ class Pod:
         sandbox = Sandbox.boot(cid, self.factory, config, self.workdir, bundle.hostname,
                                network=network_for(bundle.spec))
         sandbox.listeners.append(self.on_exit)
+        if self.cgroup is not None:
+            self.cgroup.pin(sandbox.vm)
         return sandbox
 
     def grow(self) -> None:
