@@ -124,3 +124,31 @@ def test_exec_sync_stop_stats_and_growing(cri, tmp_path):
     client.stop_pod(pod)
     client.remove_pod(pod)
     assert not vm_of(pod) and cri.leaks(pod, cid, big) == []
+
+
+def test_a_container_that_exits_is_restarted_in_the_same_vm(cri, tmp_path):
+    """kubelet's restart of a pod's container: the exited attempt is removed, the next
+    attempt created and started in the same pod; it runs in the same VM, beside the
+    pod's other containers, on the pod's network."""
+    client = cri.client
+    logs = tmp_path / "logs"
+    pod = client.run_pod("vmrestart", hostname="restart-host", log_dir=str(logs),
+                         handler=RUNVPY_HANDLER)
+    [vm] = vm_of(pod)
+    keeper = client.run_container(pod, "keeper", cri.BUSYBOX, ["sleep", "600"])
+    script = ["sh", "-c", "echo run $(cat /proc/sys/kernel/random/boot_id) $(hostname)"]
+    first = client.run_container(pod, "job", cri.BUSYBOX, script)
+    assert client.wait_container(first, pb.CONTAINER_EXITED, timeout=90).exit_code == 0
+    client.remove_container(first)
+    second = client.run_container(pod, "job", cri.BUSYBOX, script, attempt=1)
+    assert client.wait_container(second, pb.CONTAINER_EXITED, timeout=90).exit_code == 0
+    one = cri_log_text(str(logs / "job" / "0.log"))
+    two = cri_log_text(str(logs / "job" / "1.log"))
+    assert one.startswith("run ") and one == two, (one, two)   # same guest, same hostname
+    assert one.split()[-1] == "restart-host"
+    assert vm_of(pod) == [vm], "restarted in the pod's VM"
+    status = client.container_status(keeper)
+    assert status.state == pb.CONTAINER_RUNNING, "the pod's other container kept running"
+    client.stop_pod(pod)
+    client.remove_pod(pod)
+    assert not vm_of(pod) and cri.leaks(pod, keeper, second) == []

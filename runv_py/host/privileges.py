@@ -4,17 +4,18 @@ threads and children inherit them).
 
 It needs: mounts and namespaces (SYS_ADMIN, SYS_CHROOT), taps and tc filters
 (NET_ADMIN, NET_RAW), cgroups, state files and signals to QEMU's user (DAC_OVERRIDE,
-DAC_READ_SEARCH, FOWNER, CHOWN, KILL, SYS_PTRACE to read /proc of QEMU), the jail's
-tools (SETUID, SETGID, SETPCAP, SYS_RESOURCE), and whatever it hands on to the share's
-server (its capabilities: host/jail.py). Everything else goes: loading modules, raw I/O,
-the clock, reboot, BPF, perf, audit, MAC policy.
+DAC_READ_SEARCH, FOWNER, CHOWN, KILL, SYS_PTRACE to read /proc of QEMU), pinning QEMU's
+vCPU threads (SYS_NICE), the jail's tools (SETUID, SETGID, SETPCAP, SYS_RESOURCE), and
+what it hands on to the share's server (its capabilities: host/jail.py). Everything
+else goes: loading modules, raw I/O, the clock, reboot, BPF, perf, audit, MAC policy.
 """
 from ..hyperstart import security, syscalls
 from . import jail
 
 SHIM_CAPS = {"SYS_ADMIN", "SYS_CHROOT", "NET_ADMIN", "NET_RAW", "DAC_OVERRIDE",
              "DAC_READ_SEARCH", "FOWNER", "CHOWN", "KILL", "SYS_PTRACE", "SETUID", "SETGID",
-             "SETPCAP", "SYS_RESOURCE", *(c.upper() for c in jail.SHARE_SERVER_CAPS)}
+             "SETPCAP", "SYS_RESOURCE", "SYS_NICE",
+             *(c.upper() for c in jail.SHARE_SERVER_CAPS)}
 
 
 def confine_shim() -> None:

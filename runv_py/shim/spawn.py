@@ -106,7 +106,8 @@ def serve(params: ShimParams, report_fd: int) -> int:
                              params.log_format)]
     root.setLevel(logging.INFO)
     try:
-        confine_shim()  # before any thread starts
+        if params.driver != "namespace":  # its agent, on the host, grants containers caps
+            confine_shim()  # before any thread starts
         server = ShimServer(params)
     except Exception as e:
         os.write(report_fd, p.error(e))
