@@ -31,7 +31,30 @@ def vcpu_threads(vm) -> List[int]:
     if query is None:
         return []
     cpus = sorted(query("query-cpus-fast"), key=lambda c: c["cpu-index"])
-    return [int(c["thread-id"]) for c in cpus]
+    # A jailed QEMU is PID 1 of a pid namespace of its own: it names its threads there.
+    host_tid = host_thread_ids(getattr(vm, "pid", 0))
+    return [host_tid.get(int(c["thread-id"]), 0) for c in cpus
+            if host_tid.get(int(c["thread-id"]))]
+
+
+def host_thread_ids(pid: int) -> dict:
+    """{thread id in the process's own pid namespace: host thread id} for ``pid``'s
+    threads (the identity for a process in ours)."""
+    out = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task") if pid else []
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("NSpid:"):
+                        out[int(line.split()[-1])] = int(tid)
+                        break
+        except OSError:
+            continue  # the thread ended
+    return out
 
 
 def pin_vcpus(vm, cpus: str) -> List[int]:
