@@ -12,8 +12,7 @@ import os
 import socket
 import subprocess
 
-from ..host import jail
-from . import DriverError
+from . import DriverError, jail
 
 HELPER = os.environ.get("RUNV_VIRTFS_PROXY", "/usr/lib/qemu/virtfs-proxy-helper")
 LOG = "virtfs-proxy.log"

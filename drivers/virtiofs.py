@@ -10,8 +10,7 @@ vhost-user needs the guest's RAM shared with it: the VM gets a memfd backend, sh
 import os
 import subprocess
 
-from ..host import jail
-from . import DriverError
+from . import DriverError, jail
 
 VIRTIOFSD = os.environ.get("RUNV_VIRTIOFSD", "/usr/lib/qemu/virtiofsd")
 SOCKET = "vfs.sock"

@@ -124,7 +124,7 @@ class NodeFactory:
         return self._adopt(reply["vm"], fds, name, network)
 
     def _adopt(self, info: dict, fds: list, name: str, network) -> BootedVM:
-        from ..drivers.qemu import QemuVM
+        from ..drivers.qemu_vm import QemuVM
         from ..host.cgroups import join_own_cgroups
         from ..vm.agent_client import AgentClient
         control = socket.socket(fileno=fds[0])

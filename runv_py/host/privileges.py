@@ -10,7 +10,7 @@ what it hands on to the share's server (its capabilities: host/jail.py). Everyth
 else goes: loading modules, raw I/O, the clock, reboot, BPF, perf, audit, MAC policy.
 """
 from ..hyperstart import security, syscalls
-from . import jail
+from ..drivers import jail
 
 SHIM_CAPS = {"SYS_ADMIN", "SYS_CHROOT", "NET_ADMIN", "NET_RAW", "DAC_OVERRIDE",
              "DAC_READ_SEARCH", "FOWNER", "CHOWN", "KILL", "SYS_PTRACE", "SETUID", "SETGID",

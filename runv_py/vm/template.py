@@ -22,7 +22,7 @@ import time
 from .. import paths
 from ..drivers import DriverError
 from ..hyperstart import messages as m
-from ..host import jail
+from ..drivers import jail
 from ..hyperstart.errors import RunvError
 from .agent_client import AgentClient
 from .boot import (BOOT_TIMEOUT, BootConfig, BootedVM, DirectFactory, cold_boot_reason,

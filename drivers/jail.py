@@ -30,8 +30,8 @@ import pwd
 import subprocess
 import time
 
-from .. import paths
-
+# == runv_py/paths.py's CONFIG_FILE (drivers import nothing of runv_py's but hyperstart)
+CONFIG_FILE = "/etc/runv-py/runv-py.toml"
 VM_USER = "runv-py-vm"
 JAIL_ROOT = "jail"             # the chroot's mount point, in the VM's directory
 INSIDE_KERNEL = "/boot/kernel"
@@ -81,7 +81,7 @@ def enabled() -> bool:
     env = os.environ.get("RUNV_JAIL", "").strip().lower()
     if env:
         return env not in ("0", "off", "false", "no")
-    config_file = os.environ.get("RUNVPY_CONFIG") or paths.CONFIG_FILE
+    config_file = os.environ.get("RUNVPY_CONFIG") or CONFIG_FILE
     if os.path.isfile(config_file):
         try:
             import tomllib
