@@ -24,7 +24,8 @@ MAX_CPUS = 16
 
 
 def annotations_of(bundle: str) -> dict:
-    return read_spec(bundle).get("annotations") or {}
+    annotations = read_spec(bundle).get("annotations")
+    return annotations if isinstance(annotations, dict) else {}
 
 
 def sandbox_of(annotations: dict) -> str:
