@@ -143,6 +143,9 @@ def check_process(process: dict, where: str = "process") -> None:
     cwd = process.get("cwd", "/")
     if not isinstance(cwd, str) or not cwd.startswith("/"):
         raise BundleError(f"{where}: process.cwd must be an absolute path")
+    for i, rlimit in enumerate(process.get("rlimits") or []):
+        if not rlimit.get("type"):  # runc: an rlimit of no type is no rlimit it knows
+            raise BundleError(f"{where}: process.rlimits[{i}].type is required")
 
 
 def parse_signal(value) -> int:
