@@ -103,6 +103,8 @@ if _json is not None:
             raise ValueError(f"expecting a JSON value at {e.value}") from None
         except RecursionError:  # "[[[[...": the C scanner recurses per level
             raise ValueError("JSON nested too deeply") from None
+        except SystemError:  # its error needs json.decoder, which we never import
+            raise ValueError("invalid JSON") from None
         if end != len(text.strip()):
             raise ValueError(f"extra data at {end}")
         return obj
