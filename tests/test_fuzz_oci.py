@@ -96,7 +96,7 @@ def test_any_config_json_file_loads_or_is_refused(text):
     read_everything(bundle.spec)
 
 
-@fuzz(300)
+@fuzz(150)
 @given(data=st.data())
 def test_any_process_json_is_read_or_refused_with_a_typed_error(data):
     process = mutate(data, json.loads(json.dumps(rich_spec()["process"])))
