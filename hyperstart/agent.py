@@ -173,8 +173,14 @@ class Agent:
                 data = os.read(self.ctl, 65536)
             except BlockingIOError:
                 return
-            for code, payload in self.ctl_reader.feed(data):
+            try:
+                frames, bad = self.ctl_reader.feed(data), None
+            except p.ProtocolError as e:  # PID 1 must not die of what the host sends
+                frames, bad = e.frames, e
+            for code, payload in frames:
                 self.dispatch(code, payload)
+            if bad is not None:  # the reader dropped the rest: the next frame is new
+                self.send(m.ErrorReply(message=f"control channel: {bad}", code=bad.code))
         elif mask & select.POLLHUP:
             time.sleep(0.05)  # host not connected (yet, or any more): nothing to do
 
@@ -203,7 +209,12 @@ class Agent:
                 data = os.read(self.stream, 65536)
             except BlockingIOError:
                 return
-            for seq, chunk in self.stream_reader.feed(data):
+            try:
+                frames = self.stream_reader.feed(data)
+            except p.ProtocolError as e:  # dropped: the stream channel has no replies
+                log(f"stream channel: {e}")
+                frames = e.frames
+            for seq, chunk in frames:
                 proc = self.by_seq.get(seq)
                 if proc is None or proc.stdin_fd < 0:
                     continue

@@ -10,6 +10,8 @@ PROCESSASYNCEVENT is the only frame the guest sends unasked (besides READY).
 """
 import struct
 
+from .errors import InvalidArgument
+
 try:  # the C accelerator alone: the json package imports re, which is slow under TCG
     import _json
 except ImportError:  # pragma: no cover - every CPython build has it
@@ -57,8 +59,13 @@ MAX_FRAME = 16 * 1024 * 1024
 STREAM_CHUNK = 64 * 1024
 
 
-class ProtocolError(Exception):
-    """The peer sent bytes that are not a valid frame."""
+class ProtocolError(InvalidArgument):
+    """The peer sent bytes that are not a valid frame or message. ``frames`` holds the
+    complete frames that came before the bad header, for a reader that goes on."""
+
+    def __init__(self, message: str = "", frames=()):
+        super().__init__(message)
+        self.frames = list(frames)
 
 
 class _ScanContext:
@@ -94,6 +101,10 @@ if _json is not None:
             obj, end = _scan(text.strip(), 0)
         except StopIteration as e:
             raise ValueError(f"expecting a JSON value at {e.value}") from None
+        except RecursionError:  # "[[[[...": the C scanner recurses per level
+            raise ValueError("JSON nested too deeply") from None
+        except SystemError:  # its error needs json.decoder, which we never import
+            raise ValueError("invalid JSON") from None
         if end != len(text.strip()):
             raise ValueError(f"extra data at {end}")
         return obj
@@ -103,7 +114,11 @@ else:  # pragma: no cover
     def json_dumps(obj, compact: bool = True) -> str:
         return json.dumps(obj, separators=(",", ":") if compact else None)
 
-    json_loads = json.loads
+    def json_loads(text: str):
+        try:
+            return json.loads(text)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
 
 def json_dumps_indented(obj, newline: str = "\n") -> str:
@@ -161,7 +176,10 @@ class FrameReader:
         while len(self.buffer) >= size:
             key, length = self.header.unpack_from(self.buffer)
             if length < size or length > MAX_FRAME:
-                raise ProtocolError(f"frame length {length} out of range")
+                # Nothing after a bad header can be framed: drop it, so that the next
+                # feed starts afresh (a reader that goes on serving resynchronises).
+                self.buffer.clear()
+                raise ProtocolError(f"frame length {length} out of range", frames)
             if len(self.buffer) < length:
                 break
             frames.append((key, bytes(self.buffer[size:length])))

@@ -154,7 +154,8 @@ def test_start_prints_the_address_and_leaves_a_daemon(tmp_path):
         "containerd.task.v2.Task", "Connect", pb.ConnectRequest(id=cid).SerializeToString()))
     assert reply.shim_pid > 0 and reply.task_pid == 0
     with pytest.raises(ttrpc.TtrpcError) as e:
-        client.call("containerd.task.v2.Task", "Checkpoint", b"")
+        client.call("containerd.task.v2.Task", "Checkpoint",
+                    pb.CheckpointTaskRequest(id=cid).SerializeToString())
     assert e.value.code == ttrpc.UNIMPLEMENTED
     with pytest.raises(ttrpc.TtrpcError) as e:
         client.call("containerd.task.v2.Task", "Kill",

@@ -168,8 +168,10 @@ def exec(opts, process_file, tty, detach, cwd, env, user, pid_file, console_sock
         try:
             with open(process_file) as f:
                 process = json.load(f)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise BundleError(f"cannot read {process_file}: {e}") from None
+        from ..oci.bundle import check_process
+        check_process(process, process_file)  # its types, before anything reads it
     else:
         if not command:
             raise BundleError("exec needs a command or --process")

@@ -46,8 +46,10 @@ def update(opts, resources_file, memory, cpu_quota, cpu_period, pids_limit, cpu_
         try:
             text = sys.stdin.read() if resources_file == "-" else open(resources_file).read()
             resources = json.loads(text) if text.strip() else {}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise InvalidArgument(f"cannot read the resources: {e}") from None
+        from ..oci import schema
+        schema.check(resources, schema.RESOURCES, resources_file)
     if memory:
         resources.setdefault("memory", {})["limit"] = parse_bytes(memory)
     if cpu_quota is not None:

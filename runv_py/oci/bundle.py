@@ -16,14 +16,15 @@ class BundleError(InvalidArgument):
     names the problem."""
 
 
-def check_id(cid: str) -> str:
-    """Container ids as runc accepts them, minus what could escape the state directory."""
-    if not cid:
-        raise BundleError("container id must not be empty")
+def check_id(cid: str, what: str = "container id") -> str:
+    """Container ids as runc accepts them, minus what could escape the state directory
+    (also the shim v2's task and exec ids: every id that becomes a path)."""
+    if not isinstance(cid, str) or not cid:
+        raise BundleError(f"{what} must be a non-empty string")
     if len(cid) > 128:
-        raise BundleError(f"container id is {len(cid)} characters long; at most 128 allowed")
+        raise BundleError(f"{what} is {len(cid)} characters long; at most 128 allowed")
     if cid[0] not in ID_FIRST or not ID_CHARS.issuperset(cid) or ".." in cid:
-        raise BundleError(f"invalid container id {cid!r}: use letters, digits and _.+- "
+        raise BundleError(f"invalid {what} {cid!r}: use letters, digits and _.+- "
                           "(no '/', no '..')")
     return cid
 
@@ -84,11 +85,15 @@ def load(path: str) -> Bundle:
         raise BundleError(f"{config} not found (create one with 'runv-py spec')") from None
     except OSError as e:
         raise BundleError(f"cannot read {config}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise BundleError(f"{config} is not UTF-8 text") from None
     import json
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as e:
         raise BundleError(f"{config}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise BundleError(f"{config}: JSON nested too deeply") from None
     if not isinstance(spec, dict):
         raise BundleError(f"{config}: expected a JSON object")
     check_spec(spec, config)
@@ -111,6 +116,9 @@ def read_spec(path: str) -> dict:
 
 
 def check_spec(spec: dict, where: str) -> None:
+    """The spec's fields have their types (schema.py), and what runv-py needs is there."""
+    from . import schema
+    schema.check(spec, schema.SPEC, where)
     root = spec.get("root")
     if not isinstance(root, dict) or not isinstance(root.get("path"), str) or not root["path"]:
         raise BundleError(f"{where}: root.path is required")
@@ -124,6 +132,8 @@ def check_spec(spec: dict, where: str) -> None:
 
 
 def check_process(process: dict, where: str = "process") -> None:
+    from . import schema
+    schema.check(process, schema.PROCESS, where, "process")
     args = process.get("args")
     if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
         raise BundleError(f"{where}: process.args must be a non-empty list of strings")
@@ -133,6 +143,9 @@ def check_process(process: dict, where: str = "process") -> None:
     cwd = process.get("cwd", "/")
     if not isinstance(cwd, str) or not cwd.startswith("/"):
         raise BundleError(f"{where}: process.cwd must be an absolute path")
+    for i, rlimit in enumerate(process.get("rlimits") or []):
+        if not rlimit.get("type"):  # runc: an rlimit of no type is no rlimit it knows
+            raise BundleError(f"{where}: process.rlimits[{i}].type is required")
 
 
 def parse_signal(value) -> int:

@@ -18,7 +18,7 @@ def process_spec(process: dict, process_id: str, stdio_seq: int, stderr_seq: int
         user=m.User(uid=int(user.get("uid", 0)), gid=int(user.get("gid", 0)),
                     additional_gids=[int(g) for g in user.get("additionalGids") or []],
                     umask=user.get("umask")),
-        rlimits=[m.Rlimit(type=r["type"], soft=int(r["soft"]), hard=int(r["hard"]))
+        rlimits=[m.Rlimit(type=r["type"], soft=int(r.get("soft", 0)), hard=int(r.get("hard", 0)))
                  for r in process.get("rlimits") or []],
         no_new_privileges=bool(process.get("noNewPrivileges")),
         capabilities=m.Capabilities(**{k: list(caps[k]) for k in

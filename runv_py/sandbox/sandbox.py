@@ -226,6 +226,8 @@ class Sandbox:
 
     def update(self, cid: str, resources: dict) -> None:
         """New OCI resources, written into the container's cgroup in the guest."""
+        from ..oci import schema
+        schema.check(resources, schema.RESOURCES, "resources")  # from a client: typed first
         container = self.container(cid)
         container.state.require("update", states.CREATED, states.RUNNING, states.PAUSED)
         import base64

@@ -11,7 +11,7 @@ process has exited (``exit``).
 import dataclasses
 import json
 import socket
-from typing import ClassVar, Dict, Optional, Type
+from typing import ClassVar, Dict, Optional, Type, get_args
 
 from ..hyperstart.errors import InvalidArgument, RunvError, code_of, from_code
 
@@ -112,12 +112,35 @@ def encode(req: Request) -> bytes:
 
 
 def decode(line: bytes) -> Request:
+    """The request in one line; InvalidArgument for anything but a known op whose fields
+    have the types its class declares (a handler may trust them)."""
     try:
         data = json.loads(line)
-        cls = REQUESTS[data.pop("op")]
-        return cls(**data)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise InvalidArgument(f"bad shim request: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("bad shim request: not a JSON object")
+    op = data.pop("op", None)
+    cls = REQUESTS.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise InvalidArgument(f"bad shim request: unknown op {op!r}")
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in data.items():
+        if name not in kinds:
+            raise InvalidArgument(f"bad shim request: {op} has no field {name!r}")
+        if not _is_a(value, kinds[name]):
+            names = [k.__name__ for k in get_args(kinds[name]) or (kinds[name],)]
+            raise InvalidArgument(f"bad shim request: {op}.{name} must be "
+                                  + " or ".join(names).replace("NoneType", "null"))
+    return cls(**data)
+
+
+def _is_a(value, kind) -> bool:
+    if kind is int:  # JSON's true is not a number
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(kind, type):
+        return isinstance(value, kind)
+    return any(_is_a(value, k) for k in get_args(kind))  # Optional[X]: X or NoneType
 
 
 def ok(**fields) -> bytes:

@@ -13,9 +13,10 @@ import select
 import signal
 import socket
 import threading
+import time
 
 from ..hyperstart import states, syscalls
-from ..hyperstart.errors import FailedPrecondition, NotFound, RunvError
+from ..hyperstart.errors import FailedPrecondition, InvalidArgument, NotFound, RunvError, Unavailable
 from ..oci import bundle as oci
 from ..oci.state import now_rfc3339
 from ..host import proc as hostproc
@@ -27,8 +28,26 @@ from .terminal import host_pty, terminal_size
 
 log = logging.getLogger("runv_py.shim")
 
+# A request is one JSON line sent at once: one larger than this, or one not complete
+# within the timeout (a client that stalls half-way), gets an error and frees its thread.
+MAX_REQUEST = 1 << 20
+REQUEST_TIMEOUT = 5.0
+# Requests served at once (an exec or wait holds its thread until the process exits);
+# one over the bound is refused at once, so a flood cannot exhaust the shim's threads.
+MAX_REQUESTS = 128
+
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
+
+
+def refuse(conn: socket.socket, error: RunvError) -> None:
+    """Answer ``error`` without reading the request (the accept loop must not wait)."""
+    try:
+        conn.setblocking(False)
+        conn.send(p.error(error))
+    except OSError:
+        pass
+    conn.close()
 
 
 class ShimServer:
@@ -53,6 +72,7 @@ class ShimServer:
         self.listener = None
         self.in_flight = 0
         self.idle = threading.Condition()
+        self.slots = threading.BoundedSemaphore(MAX_REQUESTS)
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -153,6 +173,10 @@ class ShimServer:
                 conn, _ = listener.accept()
             except OSError:
                 continue
+            if not self.slots.acquire(blocking=False):
+                refuse(conn, Unavailable(f"the shim serves at most {MAX_REQUESTS} requests "
+                                         "at once; try again"))
+                continue
             with self.idle:
                 self.in_flight += 1
             threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
@@ -161,12 +185,21 @@ class ShimServer:
     def handle(self, conn: socket.socket) -> None:
         fds = []
         try:
-            data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
-            while not data.endswith(b"\n"):
-                more = conn.recv(1 << 20)
-                if not more:
-                    break
-                data += more
+            conn.settimeout(REQUEST_TIMEOUT)  # also bounds the sends of the answers
+            deadline = time.monotonic() + REQUEST_TIMEOUT
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST + 1, 3)
+                while data and not data.endswith(b"\n") and len(data) <= MAX_REQUEST:
+                    conn.settimeout(max(deadline - time.monotonic(), 0.001))
+                    more = conn.recv(MAX_REQUEST + 1 - len(data))
+                    if not more:
+                        break
+                    data += more
+            except TimeoutError:
+                raise InvalidArgument(f"no complete request within {REQUEST_TIMEOUT:.0f}s") from None
+            conn.settimeout(REQUEST_TIMEOUT)
+            if len(data) > MAX_REQUEST:
+                raise InvalidArgument(f"a request is at most {MAX_REQUEST} bytes")
             req = p.decode(data)
             if req.container and req.container != self.cid:
                 raise NotFound(f"container {req.container!r} does not exist in this sandbox")
@@ -187,6 +220,7 @@ class ShimServer:
                 except OSError:
                     pass
             conn.close()
+            self.slots.release()
             with self.idle:
                 self.in_flight -= 1
                 self.idle.notify_all()

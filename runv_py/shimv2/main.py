@@ -18,6 +18,8 @@ import threading
 from typing import Dict, List, Optional
 
 from .. import ttrpc
+from ..hyperstart.errors import RunvError
+from ..oci.bundle import check_id
 from .pb import shimv2_pb2 as pb
 
 log = logging.getLogger("runv_py.shimv2")
@@ -74,9 +76,16 @@ def sandbox_group(bundle: str, cid: str) -> str:
     return sandbox_of(annotations_of(bundle)) or cid
 
 
+def task_id(flags: Flags) -> str:
+    """The -id flag, checked as the CLI checks container ids: it names directories."""
+    return check_id(flags.get("id"), "task id")
+
+
 def start(flags: Flags) -> int:
     bundle = os.getcwd()
-    group = sandbox_group(bundle, flags.get("id"))
+    group = sandbox_group(bundle, task_id(flags))
+    if group != flags.get("id"):  # from the spec's annotations: checked like an id
+        check_id(group, "sandbox id")
     path = socket_path(flags.get("address"), flags.get("namespace"), group)
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
     address = f"unix://{path}"
@@ -92,7 +101,11 @@ def start(flags: Flags) -> int:
     except FileNotFoundError:
         pass
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    old_umask = os.umask(0o177)  # the socket is born 0600: only root may call the shim
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
     listener.listen(64)
     devnull = os.open(os.devnull, os.O_RDWR)
     # Python fds are close-on-exec: the daemon gets the listener explicitly (pass_fds
@@ -139,7 +152,7 @@ def delete(flags: Flags) -> int:
     from ..sandbox import VM_DIED_STATUS
     from .service import TASK_FILE
     bundle = flags.get("bundle") or os.getcwd()
-    cid = flags.get("id")
+    cid = task_id(flags)
     root = os.path.join(bundle, "runv")
     workdir = os.path.join(root, cid)
     pid = 0
@@ -191,7 +204,7 @@ def serve(flags: Flags) -> int:
                        config.factory_policy or None, config.template)
     private_mount_namespace()  # before any thread: unshare needs a single thread
     listener = socket.socket(fileno=int(flags.get("socket") or 3))
-    service = TaskService(flags.get("namespace"), flags.get("id"), bundle,
+    service = TaskService(flags.get("namespace"), task_id(flags), bundle,
                           os.environ.get("TTRPC_ADDRESS", ""), listener, config, factory)
     log.info("serving %s in %s", flags.get("id"), bundle)
     server = ttrpc.Server(service.handlers())
@@ -229,7 +242,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         sys.exit(action(flags))
     except Exception as e:
-        log.exception("%s failed", flags.action)
+        if isinstance(e, RunvError):  # the caller's mistake: its message says it all
+            log.info("%s failed: %s", flags.action, e)
+        else:
+            log.exception("%s failed", flags.action)
         print(f"containerd-shim-runvpy-v2 {flags.action}: {e}", file=sys.stderr)
         sys.exit(1)
 

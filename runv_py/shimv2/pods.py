@@ -6,7 +6,7 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
-from ..hyperstart.errors import FailedPrecondition
+from ..hyperstart.errors import FailedPrecondition, InvalidArgument
 from ..oci.bundle import read_spec
 from ..oci.resources import VM_MEMORY_OVERHEAD_MIB, asked, vm_size
 
@@ -24,7 +24,8 @@ MAX_CPUS = 16
 
 
 def annotations_of(bundle: str) -> dict:
-    return read_spec(bundle).get("annotations") or {}
+    annotations = read_spec(bundle).get("annotations")
+    return annotations if isinstance(annotations, dict) else {}
 
 
 def sandbox_of(annotations: dict) -> str:
@@ -34,16 +35,25 @@ def sandbox_of(annotations: dict) -> str:
     return ""
 
 
+def number(annotations: dict, name: str) -> int:
+    """A CRI annotation's integer (0 if absent); InvalidArgument if it is not one."""
+    value = annotations.get(name) or 0
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidArgument(f"annotation {name} must be an integer, not {value!r}") from None
+
+
 def sandbox_size(spec: dict, annotations: dict, cpus: int, memory_mib: int) -> dict:
     """BootConfig fields for a pod's VM: the pod's resources (CRI's sandbox annotations)
     if kubelet gave them, else the sandbox container's; plus room to grow for a pod."""
     resources = (spec.get("linux") or {}).get("resources") or {}
     pod = {}
-    if int(annotations.get(SANDBOX_MEMORY, 0) or 0) > 0:
-        pod["memory"] = {"limit": int(annotations[SANDBOX_MEMORY])}
-    if int(annotations.get(SANDBOX_CPU_QUOTA, 0) or 0) > 0:
-        pod["cpu"] = {"quota": int(annotations[SANDBOX_CPU_QUOTA]),
-                      "period": int(annotations.get(SANDBOX_CPU_PERIOD) or 100000)}
+    memory, quota = number(annotations, SANDBOX_MEMORY), number(annotations, SANDBOX_CPU_QUOTA)
+    if memory > 0:
+        pod["memory"] = {"limit": memory}
+    if quota > 0:
+        pod["cpu"] = {"quota": quota, "period": number(annotations, SANDBOX_CPU_PERIOD) or 100000}
     cpus, memory_mib = vm_size(pod or resources, cpus, memory_mib)
     if annotations.get(CONTAINER_TYPE) != "sandbox":
         return {"cpus": cpus, "memory_mib": memory_mib}

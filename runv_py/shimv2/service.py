@@ -14,11 +14,14 @@ import threading
 import time
 from typing import Callable, Dict, Optional, Tuple
 
+from google.protobuf.message import DecodeError
+
 from ..host import statedir
 from ..hyperstart import states, syscalls
 from ..hyperstart.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                                  RunvError)
 from ..oci import bundle as oci
+from ..oci.bundle import check_id
 from ..sandbox import VM_DIED_STATUS, Container, Process, Sandbox
 from ..ttrpc import UNIMPLEMENTED, TtrpcError
 from . import metrics, stdio
@@ -41,6 +44,24 @@ TASK_FILE = "task.json"      # the init's pid, for `delete` after a crash
 def timestamp(field, when: float) -> None:
     if when:
         field.FromNanoseconds(int(when * 1e9))
+
+
+# Calls whose id may be empty: they look nothing up by it and make nothing of it.
+ID_OPTIONAL = ("Connect", "Shutdown")
+
+
+def decode_request(name: str, kind, payload: bytes):
+    """The request, its ids checked as the CLI checks container ids (they name files
+    and directories) before anything uses them; InvalidArgument otherwise."""
+    try:
+        request = kind.FromString(payload)
+    except DecodeError as e:
+        raise InvalidArgument(f"{name}: cannot decode the request: {e}") from None
+    if request.id or name not in ID_OPTIONAL:
+        check_id(request.id)
+    if getattr(request, "exec_id", ""):
+        check_id(request.exec_id, "exec id")
+    return request
 
 
 class TaskService:
@@ -82,7 +103,11 @@ class TaskService:
 
     def _wrap(self, name: str, kind, fn) -> Callable[[bytes], bytes]:
         def call(payload: bytes) -> bytes:
-            request = kind.FromString(payload)
+            try:
+                request = decode_request(name, kind, payload)
+            except InvalidArgument as e:
+                log.info("%s: %s", name, e)
+                raise ttrpc_error(e) from None
             log.debug("%s %s", name, str(request).replace("\n", " "))
             try:
                 return fn(request).SerializeToString()
@@ -247,7 +272,7 @@ class TaskService:
         try:
             spec = json.loads(req.spec.value or b"{}")
             oci.check_process(spec)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise InvalidArgument(f"bad process spec: {e}") from None
         with self.lock:
             if (req.id, req.exec_id) in self.execs:
@@ -324,7 +349,7 @@ class TaskService:
         self.task(req.id)
         try:
             resources = json.loads(req.resources.value or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InvalidArgument("resources are not OCI JSON") from None
         self.sandbox.update(req.id, resources)
         return pb.Empty()

@@ -13,6 +13,8 @@ import struct
 import threading
 from typing import Callable, Dict, Optional, Tuple
 
+from google.protobuf.message import DecodeError
+
 from . import ttrpc_pb2 as pb
 
 log = logging.getLogger("runv_py.ttrpc")
@@ -80,6 +82,14 @@ def read_frame(sock: socket.socket) -> Optional[Tuple[int, int, int, Optional[by
     return stream, kind, flags, payload
 
 
+def decode_request(payload: bytes) -> pb.Request:
+    """A frame's Request; TtrpcError(INVALID_ARGUMENT) if the bytes are not one."""
+    try:
+        return pb.Request.FromString(payload)
+    except DecodeError as e:
+        raise TtrpcError(INVALID_ARGUMENT, f"cannot decode the request: {e}") from None
+
+
 def write_frame(sock: socket.socket, lock: threading.Lock, stream: int, kind: int,
                 payload: bytes) -> None:
     if len(payload) > MAX_MESSAGE:
@@ -135,10 +145,9 @@ class Server:
     def dispatch(self, conn: socket.socket, write_lock: threading.Lock, stream: int,
                  payload: bytes) -> None:
         try:
-            request = pb.Request.FromString(payload)
-        except Exception:
-            self.respond(conn, write_lock, stream, None,
-                         TtrpcError(INVALID_ARGUMENT, "cannot decode the request"))
+            request = decode_request(payload)
+        except TtrpcError as e:
+            self.respond(conn, write_lock, stream, None, e)
             return
         handler = self.handlers.get((request.service, request.method))
         if handler is None:
@@ -197,7 +206,10 @@ class Client:
                 got, kind, _flags, data = frame
                 if got == stream and kind == TYPE_RESPONSE:
                     break
-        response = pb.Response.FromString(data or b"")
+        try:
+            response = pb.Response.FromString(data or b"")
+        except DecodeError:
+            raise TtrpcError(INTERNAL, "the ttrpc server sent a response that does not decode") from None
         if response.status.code != OK:
             raise TtrpcError(response.status.code, response.status.message)
         return response.payload

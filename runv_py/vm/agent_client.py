@@ -13,7 +13,7 @@ import time
 
 from ..hyperstart import messages as m
 from ..hyperstart import protocol as p
-from ..hyperstart.errors import RunvError, Unavailable, from_code
+from ..hyperstart.errors import Internal, RunvError, Unavailable, from_code
 
 
 class AgentGone(Unavailable):
@@ -103,8 +103,11 @@ class AgentClient:
             if waiter is None:
                 return
             if code == p.ERROR:
-                error = m.decode(m.ErrorReply, payload)
-                waiter.error = from_code(error.code, error.message)
+                try:
+                    error = m.decode(m.ErrorReply, payload)
+                    waiter.error = from_code(error.code, error.message)
+                except RunvError as e:  # popped already: its caller must hear of it
+                    waiter.error = Internal(f"the guest agent's ERROR does not decode: {e}")
             waiter.payload = payload
             waiter.done.set()
 
