@@ -44,9 +44,10 @@ class RawAgent:
     def __init__(self, control: socket.socket, stream: socket.socket):
         self.control, self.stream = control, stream
         self.reader = p.FrameReader(p.CONTROL_HEADER)
+        self.pending = []         # frames read but not yet taken
 
     def _frame(self, deadline: float, alive=lambda: True) -> tuple:
-        while True:
+        while not self.pending:  # a read may hold several frames: the rest wait here
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("the guest agent did not answer in time")
@@ -59,10 +60,9 @@ class RawAgent:
                 continue
             if not data:
                 raise DriverError("the guest agent closed its channel")
-            frames = self.reader.feed(data)
-            if frames:
-                self.control.settimeout(None)
-                return frames[0]
+            self.pending += self.reader.feed(data)
+        self.control.settimeout(None)
+        return self.pending.pop(0)
 
     def wait_ready(self, timeout: float, alive=lambda: True) -> None:
         deadline = time.monotonic() + timeout

@@ -47,7 +47,7 @@ def recv(sock: socket.socket) -> tuple:
             need += length
     try:
         message = json.loads(buf[HEADER.size:])
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
         _close(fds)
         raise WireError(f"not JSON: {e}") from None
     if not isinstance(message, dict):
