@@ -121,7 +121,7 @@ class Volumes:
 
     def release(self, keys: list) -> None:
         """Let go of ``keys`` (emptied); a volume no container holds is unbound."""
-        with self.lock:
+        with self.lock:   # held while unbinding: an acquire of the key waits for it
             gone = []
             while keys:
                 key = keys.pop()
@@ -131,13 +131,13 @@ class Volumes:
                 if not self.held[key]:
                     del self.held[key]
                     gone.append(self.path(key))
-        unbind(gone, self.ns_pid)
+            unbind(gone, self.ns_pid)
 
     def release_all(self) -> None:
         with self.lock:
             gone = [self.path(key) for key in self.held]
             self.held.clear()
-        unbind(gone, self.ns_pid)
+            unbind(gone, self.ns_pid)
 
 
 def guest_mounts(share_dir: str, cid: str, spec_mounts: list, made: list,
