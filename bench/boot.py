@@ -18,11 +18,11 @@ from runv_py.drivers import probe
 from runv_py.vm.boot import BootConfig
 
 
-def floor_command(workdir: str) -> list:
+def floor_command(workdir: str, config: BootConfig = None) -> list:
     """QEMU with the same machine, devices, kernel and initrd as runv-py, booting a
     trivial init that reboots at once (QEMU then exits: -no-reboot)."""
     driver = probe("")
-    config = BootConfig(extra_cmdline=("rdinit=/floor-init",))
+    config = config or BootConfig(extra_cmdline=("rdinit=/floor-init",))
     share = os.path.join(workdir, "share")
     os.makedirs(share, exist_ok=True)
     return driver.command(config, "floor", share)

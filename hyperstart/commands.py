@@ -98,6 +98,8 @@ class Commands:
             raise NotFound(f"rootfs {root} is not a directory")
         shared = {kind: self.running_init(other, kind) for kind, other in msg.share.items()}
         container = Container(msg, root)
+        if any(mnt.volume for mnt in msg.mounts):
+            self.platform.mount_volumes()
         self.cgroups.create(cid, msg.limits, msg.device_rules)
         proc = Process(container, msg.process)
         try:

@@ -13,6 +13,9 @@ from .cgroups import GUEST_ROOT, GuestCgroups
 from .errors import Unavailable
 
 SHARE_DIR = "/run/runv/share"
+# The share's volumes/ (runv_py/sandbox/share.py's Volumes), bound once as a shared mount:
+# the containers' binds of a volume are its peers or slaves, as runc's are of the host's.
+VOLUMES_DIR = "/run/runv/volumes"
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 
@@ -26,11 +29,15 @@ class GuestPlatform:
     readonly_paths: tuple = ()
 
     cgroup_namespace = True
+    # A privileged container gets the guest's devices (its spec lists the host's).
+    guest_devices = True
 
     def __init__(self):
         self.cgroups = GuestCgroups()
         self.share_dir = SHARE_DIR
         self.share_mounted = False
+        self.volumes_dir = VOLUMES_DIR
+        self.volumes_mounted = False
 
     def set_hostname(self, name: str) -> None:
         sc.sethostname(name)
@@ -45,6 +52,14 @@ class GuestPlatform:
             sc.mount(tag, SHARE_DIR, "9p", 0,
                      "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client")
         self.share_mounted = True
+
+    def mount_volumes(self) -> None:
+        if self.volumes_mounted:
+            return
+        os.makedirs(VOLUMES_DIR, exist_ok=True)
+        sc.mount(os.path.join(SHARE_DIR, "volumes"), VOLUMES_DIR, None, sc.MS_BIND)
+        sc.mount(None, VOLUMES_DIR, None, sc.MS_SHARED)
+        self.volumes_mounted = True
 
     def reseed(self, data: bytes) -> None:
         with open("/dev/urandom", "wb") as f:

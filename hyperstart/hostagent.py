@@ -33,6 +33,7 @@ class HostPlatform:
     from the host kernel's knobs in /proc (runc's masks, whatever the spec says)."""
 
     cgroup_namespace = False
+    guest_devices = False  # the spec's devices are this kernel's already
     # Masked and read-only whatever the spec says (rootfs.protect_paths).
     masked_paths = tuple("/proc/" + name for name in PROC_MASKED)
     readonly_paths = tuple("/proc/" + name for name in PROC_READONLY)
@@ -40,12 +41,16 @@ class HostPlatform:
     def __init__(self, share_dir: str, cgroups: dict):
         self.cgroups = HostCgroups(cgroups)
         self.share_dir = share_dir
+        self.volumes_dir = os.path.join(share_dir, "volumes")
 
     def set_hostname(self, name: str) -> None:
         sc.sethostname(name)  # our own UTS namespace
 
     def mount_share(self, tag: str, kind: str = "") -> None:
         pass
+
+    def mount_volumes(self) -> None:
+        pass  # binds straight from the share: propagation within each container only
 
     def reseed(self, data: bytes) -> None:
         pass  # the host's kernel RNG is not ours to reseed

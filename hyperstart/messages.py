@@ -69,6 +69,10 @@ class Mount:
     source: str = ""
     options: list[str] = []
     shared: bool = False     # source is a path inside the sandbox's share
+    # source is a pod volume: a path inside the share's volumes/, bound once per sandbox
+    # for every container that asks for it with propagation, and bound in the guest from
+    # one shared mount, so that mounts propagate between the pod's containers.
+    volume: bool = False
 
 
 @message()

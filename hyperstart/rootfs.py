@@ -10,6 +10,7 @@ runc's default rslave) then mean what they mean under runc."""
 import errno
 import os
 
+from . import devices as dv
 from . import messages as m
 from . import syscalls as sc
 from .errors import InvalidArgument
@@ -34,8 +35,6 @@ PROPAGATION = {
     "unbindable": sc.MS_UNBINDABLE, "runbindable": sc.MS_UNBINDABLE | sc.MS_REC,
 }
 
-DEFAULT_DEVICES = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
-                   ("urandom", 1, 9), ("tty", 5, 0)]
 DEV_TMPFS = m.Mount(destination="/dev", type="tmpfs", source="tmpfs",
                     options=["nosuid", "strictatime", "mode=755", "size=65536k"])
 DEV_PTS = m.Mount(destination="/dev/pts", type="devpts", source="devpts",
@@ -81,13 +80,18 @@ def secure_join(root: str, path: str) -> str:
     raise InvalidArgument(f"too many symlinks in {path}")
 
 
-def setup_rootfs(request: m.NewContainer, root: str, share_dir: str) -> None:
+def setup_rootfs(request: m.NewContainer, root: str, share_dir: str,
+                 guest_devices: bool = False, volumes_dir: str = "") -> None:
     """In the container's init: mount its filesystems and make its root the root (the
-    masked and read-only paths come later, after the sysctls: protect_paths)."""
+    masked and read-only paths come later, after the sysctls: protect_paths). With
+    ``guest_devices``, a container allowed every device (privileged) gets the devices of
+    the kernel it runs on (devices.py)."""
     propagation = PROPAGATION.get(request.rootfs_propagation or "rslave")
     if propagation is None:
         raise InvalidArgument(f"unknown rootfsPropagation {request.rootfs_propagation!r}")
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
+    # runc's first step: the whole namespace takes rootfsPropagation (rslave unless
+    # asked), so the volumes' mount stays a peer of the agent's only when it is shared.
+    sc.mount(None, "/", None, propagation)
     share_mount = _mount_point(share_dir)
     sc.mount(None, share_mount, None, sc.MS_SHARED)
     sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC)   # a peer of the share
@@ -98,13 +102,20 @@ def setup_rootfs(request: m.NewContainer, root: str, share_dir: str) -> None:
         mounts.insert(0, DEV_TMPFS)
     if "/dev/pts" not in destinations:
         mounts.append(DEV_PTS)
+    dev_tmpfs = False
     for mnt in mounts:
-        mount_one(root, mnt, share_dir)
+        mount_one(root, mnt, share_dir, volumes_dir)
         where = mnt.destination.rstrip("/")
         if where == "/dev" and mnt.type == "tmpfs":
-            make_devices(os.path.join(root, "dev"))
-    for device in request.devices:
-        make_device(root, device)
+            dev_tmpfs = True
+            dv.make_devices(os.path.join(root, "dev"))
+    devices = list(request.devices)
+    if guest_devices and dv.allows_all(request.device_rules):
+        devices += dv.guest_devices()   # after the spec's (the host's): the guest's win
+    for device in devices:
+        dv.make_device(root, device, secure_join)
+    if dev_tmpfs:
+        dv.setup_ptmx(os.path.join(root, "dev"))
     if request.readonly:
         sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
     if request.hostname:
@@ -152,27 +163,16 @@ def readonly_path(path: str) -> None:
     sc.mount(None, path, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC)
 
 
-def make_device(root: str, device: m.Device) -> None:
-    """A device node of linux.devices, with its mode and owner."""
-    kinds = {"c": 0o020000, "u": 0o020000, "b": 0o060000, "p": 0o010000}
-    if device.type not in kinds:
-        raise InvalidArgument(f"device {device.path}: unknown type {device.type!r}")
-    path = secure_join(root, device.path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.lexists(path):
-        os.unlink(path)
-    mode = 0o666 if device.file_mode is None else device.file_mode & 0o7777
-    os.mknod(path, mode | kinds[device.type], os.makedev(device.major, device.minor))
-    os.chmod(path, mode)
-    os.chown(path, device.uid or 0, device.gid or 0)
-
-
-def mount_one(root: str, mnt: m.Mount, share_dir: str) -> None:
+def mount_one(root: str, mnt: m.Mount, share_dir: str, volumes_dir: str = "") -> None:
     kind = mnt.type or "bind"
     flags, data = mount_options(mnt.options)
     target = secure_join(root, mnt.destination)
     source = mnt.source or kind
-    if mnt.shared:
+    if mnt.volume:
+        if not volumes_dir or "/" in source or source in (".", ".."):
+            raise InvalidArgument(f"bad volume {source!r}")
+        source = os.path.join(volumes_dir, source)
+    elif mnt.shared:
         source = os.path.join(share_dir, source)
     if flags & sc.MS_BIND or kind == "bind":
         flags |= sc.MS_BIND
@@ -244,18 +244,3 @@ def propagate(target: str, options) -> None:
     for opt in options or []:
         if opt in PROPAGATION:
             sc.mount(None, target, None, PROPAGATION[opt])
-
-
-def make_devices(dev: str) -> None:
-    for name, major, minor in DEFAULT_DEVICES:
-        path = os.path.join(dev, name)
-        if not os.path.exists(path):
-            os.mknod(path, 0o666 | 0o020000, os.makedev(major, minor))
-            os.chmod(path, 0o666)
-    for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        path = os.path.join(dev, name)
-        if not os.path.lexists(path):
-            os.symlink(target, path)
-    os.makedirs(os.path.join(dev, "shm"), exist_ok=True)
-    os.makedirs(os.path.join(dev, "pts"), exist_ok=True)

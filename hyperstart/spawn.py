@@ -148,7 +148,8 @@ class Spawner:
                         signal.SIGHUP, signal.SIGQUIT, signal.SIGXFSZ):
                 signal.signal(sig, signal.SIG_DFL)
             if init:
-                rootfs.setup_rootfs(request, container.root, self.platform.share_dir)
+                rootfs.setup_rootfs(request, container.root, self.platform.share_dir,
+                                    self.platform.guest_devices, self.platform.volumes_dir)
                 if request.domainname:
                     sc.setdomainname(request.domainname)
                 security.set_sysctls(request.sysctl)

@@ -102,12 +102,13 @@ def capset(header, data) -> None:
     _check(_libc.syscall(SYS_CAPSET, ctypes.byref(header), data), "capset")
 
 
-def clone_tree(path: str) -> int:
-    """A detached copy of the mounts at ``path`` and below (open_tree(2) with
-    OPEN_TREE_CLONE|AT_RECURSIVE), as a file descriptor: a bind mount yet to be placed,
-    maybe in another mount namespace (move_into)."""
-    return _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, _b(path),
-                                OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC), f"open_tree {path}")
+def clone_tree(path: str, recursive: bool = True) -> int:
+    """A detached copy of the mount at ``path`` (and the mounts below it if
+    ``recursive``: open_tree(2) with OPEN_TREE_CLONE[|AT_RECURSIVE]), as a file
+    descriptor: a bind mount yet to be placed, maybe in another mount namespace
+    (move_into)."""
+    flags = OPEN_TREE_CLONE | (AT_RECURSIVE if recursive else 0) | os.O_CLOEXEC
+    return _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, _b(path), flags), f"open_tree {path}")
 
 
 def move_into(tree_fd: int, target: str) -> None:
@@ -125,13 +126,15 @@ def reboot(cmd: int) -> None:
 
 
 def private_mount_namespace() -> None:
-    """Move this process into a new mount namespace that shares no mount events.
+    """Move this process into a new mount namespace that sends no mount events.
 
     Mounts made afterwards exist only here (and in children), and vanish when the last
-    process in the namespace exits: nothing can leak onto the host.
+    process in the namespace exits: nothing can leak onto the host. It is the host's
+    slave: what the host mounts or unmounts later reaches it (a later mount under the
+    source of a bind mount into a sandbox's share, which the guest then sees).
     """
     unshare(CLONE_NEWNS)
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount(None, "/", None, MS_REC | MS_SLAVE)
 
 
 def die_with_parent(sig: int) -> None:

@@ -152,3 +152,52 @@ def test_a_container_that_exits_is_restarted_in_the_same_vm(cri, tmp_path):
     client.stop_pod(pod)
     client.remove_pod(pod)
     assert not vm_of(pod) and cri.leaks(pod, keeper, second) == []
+
+
+def test_a_privileged_container_and_mounts_propagating_between_the_pods_containers(cri, tmp_path):
+    """A privileged container starts (every capability, the guest's devices); a mount it
+    makes under a Bidirectional volume reaches the pod's other container, which has the
+    volume HostToContainer; a mount the host makes later under the volume reaches both
+    (its files: the share carries them); the guest's mount does not reach the host."""
+    client = cri.client
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    # CRI asks the volume to be on a shared mount for Bidirectional.
+    subprocess.run(["mount", "-t", "tmpfs", "vol", str(vol)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(vol)], check=True)
+        pod = client.run_pod("vmpriv", log_dir=str(tmp_path / "logs"), handler=RUNVPY_HANDLER,
+                             privileged=True)
+        priv = client.run_container(
+            pod, "priv", cri.BUSYBOX, ["sleep", "600"],
+            mounts=[pb.Mount(container_path="/vol", host_path=str(vol),
+                             propagation=pb.PROPAGATION_BIDIRECTIONAL)],
+            security_context=pb.LinuxContainerSecurityContext(privileged=True))
+        other = client.run_container(
+            pod, "other", cri.BUSYBOX, ["sleep", "600"],
+            mounts=[pb.Mount(container_path="/vol", host_path=str(vol),
+                             propagation=pb.PROPAGATION_HOST_TO_CONTAINER)])
+        for cid in (priv, other):
+            client.wait_container(cid, pb.CONTAINER_RUNNING)
+        code, out, err = client.exec_sync(priv, ["sh", "-c", (
+            "grep CapEff /proc/self/status; readlink /dev/ptmx;"
+            " mkdir /vol/in && mount -t tmpfs in /vol/in && echo inside > /vol/in/f && echo mounted")])
+        # containerd grants a privileged container its own capabilities (all but what
+        # this machine's root lacks).
+        with open("/proc/self/status") as f:
+            own = [line.rstrip("\n") for line in f if line.startswith("CapEff:")]
+        assert code == 0 and out.decode().splitlines() == own + ["pts/ptmx", "mounted"], (out, err)
+        code, out, err = client.exec_sync(other, ["cat", "/vol/in/f"])
+        assert (code, out) == (0, b"inside\n"), err
+        assert (vol / "in").is_dir() and not (vol / "in" / "f").exists()
+        (vol / "later").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "later", str(vol / "later")], check=True)
+        (vol / "later" / "g").write_text("from the host\n")
+        for cid in (priv, other):
+            code, out, err = client.exec_sync(cid, ["cat", "/vol/later/g"])
+            assert (code, out) == (0, b"from the host\n"), err
+        client.stop_pod(pod)
+        client.remove_pod(pod)
+        assert cri.leaks(pod, priv, other) == []
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(vol)], check=False)

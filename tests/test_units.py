@@ -297,3 +297,29 @@ def test_cli_launcher_state_and_list_import_little(tmp_path, line):
     assert "runv_py.cli.hot" in imported
     assert not imported & {"re", "dataclasses", "inspect", "typing", "enum", "json", "ctypes",
                            "click", "logging"}
+
+
+@pytest.mark.parametrize("rules,privileged", [
+    ([{"allow": True, "access": "rwm"}], True),                       # CRI's, podman's, docker's
+    ([{"allow": False, "access": "rwm"}, {"allow": True, "access": "rwm"}], True),
+    ([{"allow": True, "access": "rwm"}, {"allow": False, "type": "c", "major": 1, "minor": 1}], False),
+    ([{"allow": True, "access": "rw"}], False),                       # no mknod: not everything
+    ([{"allow": True, "type": "c", "access": "rwm"}], False),          # char devices only
+    ([{"allow": False, "access": "rwm"}], False),
+    ([], False)])
+def test_a_container_allowed_every_device_is_recognised(rules, privileged):
+    from runv_py.hyperstart.devices import allows_all
+    from runv_py.oci.linux import device_rule
+    assert allows_all([device_rule(r) for r in rules]) is privileged
+
+
+def test_a_device_over_a_link_replaces_the_link_not_its_target(tmp_path):
+    from runv_py.hyperstart import messages as m
+    from runv_py.hyperstart.devices import make_device
+    from runv_py.hyperstart.rootfs import secure_join
+    (tmp_path / "dev" / "pts").mkdir(parents=True)
+    (tmp_path / "dev" / "pts" / "ptmx").write_text("devpts' own")
+    (tmp_path / "dev" / "ptmx").symlink_to("pts/ptmx")
+    make_device(str(tmp_path), m.Device(path="/dev/ptmx", type="p", major=0, minor=0), secure_join)
+    assert (tmp_path / "dev" / "pts" / "ptmx").read_text() == "devpts' own"
+    assert not (tmp_path / "dev" / "ptmx").is_symlink() and (tmp_path / "dev" / "ptmx").is_fifo()

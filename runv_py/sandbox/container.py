@@ -76,6 +76,7 @@ class Container:
         self.init: Optional[Process] = None
         self.processes: Dict[str, Process] = {}
         self.mounts: List[str] = []   # host bind mounts into the share, innermost last
+        self.volumes: List[str] = []  # keys of the sandbox's volumes it holds
 
     def process(self, exec_id: str = "") -> Process:
         proc = self.processes.get(exec_id or "init")

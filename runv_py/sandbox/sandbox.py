@@ -45,6 +45,7 @@ class Sandbox:
         self.agent = booted.agent
         self.share_dir = booted.share_dir
         self.mount_ns = booted.mount_ns    # whose mount namespace the share lives in (0: ours)
+        self.volumes = share.Volumes(self.share_dir, self.mount_ns)
         self.containers: Dict[str, Container] = {}
         self.lock = threading.RLock()
         self.listeners: List[Listener] = []   # told of each process exit, in order
@@ -108,7 +109,8 @@ class Sandbox:
             share.bind(bundle.rootfs, os.path.join(self.share_dir, rootfs), self.mount_ns)
             container.mounts.append(os.path.join(self.share_dir, rootfs))
             mounts = share.guest_mounts(self.share_dir, cid, bundle.spec.get("mounts"),
-                                        container.mounts, self.mount_ns)
+                                        container.mounts, self.mount_ns, self.volumes,
+                                        container.volumes)
             process = dict(bundle.process)
             if console_size and not process.get("consoleSize"):
                 process["consoleSize"] = {"height": console_size[0], "width": console_size[1]}
@@ -286,6 +288,7 @@ class Sandbox:
         self._finish_all(VM_DIED_STATUS)
         for container in list(self.containers.values()):
             share.unbind(container.mounts, self.mount_ns)
+        self.volumes.release_all()
         self.booted.release()  # a cache's directory for this VM
         self._exits.put(None)
 
@@ -329,6 +332,7 @@ class Sandbox:
                 container.state.stop()
             self.containers.pop(container.id, None)
         share.unbind(container.mounts, self.mount_ns)
+        self.volumes.release(container.volumes)
 
     def _dispatch_exits(self) -> None:
         while True:
