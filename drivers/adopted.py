@@ -12,7 +12,20 @@ import subprocess
 import time
 
 
-class Adopted:
+class Signalled:
+    """terminate() and kill() as Popen has them, over the class's send_signal."""
+
+    def send_signal(self, sig: int) -> None:
+        raise NotImplementedError
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Adopted(Signalled):
     def __init__(self, pid: int, pidfd: int = -1):
         """Watch ``pid``; ``pidfd`` (ours from now on) if the caller has one already."""
         self.pid = pid
@@ -48,9 +61,3 @@ class Adopted:
                 signal.pidfd_send_signal(self.pidfd, sig)
             except ProcessLookupError:
                 pass
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)

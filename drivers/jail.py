@@ -27,8 +27,11 @@ turns the jail off (QEMU then runs as root, as before).
 import dataclasses
 import os
 import pwd
+import signal
 import subprocess
 import time
+
+from .adopted import Signalled
 
 # == runv_py/paths.py's CONFIG_FILE (drivers import nothing of runv_py's but hyperstart)
 CONFIG_FILE = "/etc/runv-py/runv-py.toml"
@@ -145,15 +148,20 @@ def share_server_argv(argv: list, die_with_parent: bool) -> list:
             *argv]
 
 
-class JailedProcess:
+class JailedProcess(Signalled):
     """QEMU in its jail, as QemuVM sees a Popen: ``pid`` is QEMU's host pid (PID 1 of its
-    own pid namespace, a child of the jail's ``unshare``); signals go to QEMU, the exit
-    status is the jail's (unshare passes QEMU's on)."""
+    own pid namespace, a child of the jail's ``unshare``), signalled through a pidfd (a
+    pid reused after QEMU ended is never hit); the exit status is the jail's (unshare
+    passes QEMU's on)."""
 
     def __init__(self, wrapper: subprocess.Popen, timeout: float = 10.0):
         self.wrapper = wrapper
         self.args = wrapper.args
         self.pid = self._find_qemu(timeout)
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            self.pidfd = -1   # gone already: the caller reads why from the log
 
     def _find_qemu(self, timeout: float) -> int:
         children = f"/proc/{self.wrapper.pid}/task/{self.wrapper.pid}/children"
@@ -167,7 +175,7 @@ class JailedProcess:
             except OSError:
                 pass
             if self.wrapper.poll() is not None or time.monotonic() > deadline:
-                return self.wrapper.pid  # gone already: the caller reads why from the log
+                return self.wrapper.pid
             time.sleep(0.001)
 
     @property
@@ -175,26 +183,25 @@ class JailedProcess:
         return self.wrapper.returncode
 
     def poll(self):
-        return self.wrapper.poll()
+        code = self.wrapper.poll()
+        if code is not None and self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        return code
 
     def wait(self, timeout=None):
-        return self.wrapper.wait(timeout)
+        code = self.wrapper.wait(timeout)
+        self.poll()
+        return code
 
     def send_signal(self, sig: int) -> None:
-        if self.wrapper.poll() is None:
+        if self.poll() is None and self.pidfd >= 0:
             try:
-                os.kill(self.pid, sig)  # our grandchild: not reaped by anyone but unshare
+                signal.pidfd_send_signal(self.pidfd, sig)
             except ProcessLookupError:
                 pass
-
-    def terminate(self) -> None:
-        import signal
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        import signal
-        self.send_signal(signal.SIGKILL)
-        try:
-            self.wrapper.kill()
-        except ProcessLookupError:
-            pass
+        if sig == signal.SIGKILL:  # the jail's unshare too: nothing of it may linger
+            try:
+                self.wrapper.kill()
+            except ProcessLookupError:
+                pass
