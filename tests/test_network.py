@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from conftest import qemu_pids
+from test_lifecycle import wait_status
 from test_clients import podman  # noqa: F401  (the podman fixture)
 from test_run import driver, out, runv  # noqa: F401  (fixtures)
 
@@ -100,6 +101,36 @@ def test_the_test_host_reaches_a_server_in_the_container(runv, bundle, netns):
     assert "from-the-container" in got
     runv("delete", "-f", cid, check=True)
     assert "ingress" not in sh("ip", "netns", "exec", netns["pod"], "tc", "qdisc", "show")
+
+
+def test_a_network_made_between_create_and_start_reaches_the_guest(runv, bundle, netns,
+                                                                     tmp_path):
+    """runc's contract, which docker's libnetwork hook, buildah and other CNI users rely
+    on: a container given a new network namespace has it after create, at its pid; what
+    the caller puts there before start is the container's network."""
+    if runv.driver == "namespace":
+        pytest.skip("the namespace driver's containers share the shim's namespace as it is")
+    cid = runv.id()
+    output = tmp_path / "out"
+    with open(output, "wb") as f:  # the container's stdout: the file create was given
+        r = subprocess.run(runv.args("create", "-b", bundle([
+            "sh", "-c", f"ip -4 addr show eth0; ip route; wget -qO- http://{netns['net']}.1:8080/"]),
+            cid), stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=120)
+    assert r.returncode == 0, output.read_text()
+    pid = runv.state(cid)["pid"]
+    ns = f"/proc/{pid}/ns/net"
+    # The test's veth end moves from its pod namespace into the container's.
+    sh("ip", "-n", netns["pod"], "link", "set", "eth0", "netns", ns)
+    for args in (("addr", "add", f"{netns['net']}.2/24", "dev", "eth0"),
+                 ("link", "set", "eth0", "up"),
+                 ("route", "add", "default", "via", f"{netns['net']}.1")):
+        sh("nsenter", f"--net={ns}", "ip", *args)
+    runv("start", cid, check=True)
+    wait_status(runv, cid, "stopped")
+    text = output.read_text()
+    assert f"inet {netns['net']}.2/24" in text and f"default via {netns['net']}.1" in text, text
+    assert "hello from the test host" in text, text
+    runv("delete", cid, check=True)
 
 
 def test_a_second_vm_on_one_namespace_is_refused_and_the_first_keeps_it(runv, bundle, netns):

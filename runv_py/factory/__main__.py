@@ -28,8 +28,10 @@ def main(argv=None) -> int:
         driver = probe(args.driver)
         if not getattr(driver, "supports_templates", False):
             raise RunvError(f"the factory makes VMs: driver {driver.name} makes none")
+        # One NIC: a container's VM has one for the network its namespace gets, at boot
+        # (a pod's) or between create and start (net/late.py).
         warm = [(BootConfig(cpus=args.cpus, memory_mib=args.memory, kernel=args.kernel,
-                            initrd=args.initrd, share=args.share), 0)]
+                            initrd=args.initrd, share=args.share), 1)]
         pool = args.pool if args.pool is not None else settings()["pool"]
         return run(driver, pool, warm)
     except RunvError as e:

@@ -74,6 +74,7 @@ def start_daemon(config: BootConfig, pool: int) -> None:
 
 class NodeFactory:
     name = "node"
+    late_network = True   # its pooled VMs can have a NIC for a network made after create
 
     def __init__(self, driver):
         self.driver = driver
@@ -104,12 +105,11 @@ class NodeFactory:
     def get_vm(self, config: BootConfig, workdir: str, name: str, network=None) -> BootedVM:
         nics = 0
         if network is not None:
-            network.discover()
-            if len(network.interfaces) != 1:
+            nics = network.nics_wanted()
+            if nics != 1:
                 log.info("cold boot for %s: its network has %d interfaces (pooled VMs have "
-                         "one NIC)", name, len(network.interfaces))
+                         "one NIC)", name, nics)
                 return self.fallback.get_vm(config, workdir, name, network)
-            nics = 1
         try:
             reply, fds = request({"op": "get", "config": dataclasses.asdict(config),
                                   "nics": nics, "name": name})

@@ -82,6 +82,11 @@ class PodNetwork:
                                   device=r["dev"]))
         self.interfaces, self.routes = interfaces, routes
 
+    def nics_wanted(self) -> int:
+        """How many NICs a VM for this network has: one per interface."""
+        self.discover()
+        return len(self.interfaces)
+
     def _check_free(self) -> None:
         for iface in self.interfaces:
             qdiscs = run(self.netns, "tc", "qdisc", "show", "dev", iface.name, "ingress")

@@ -81,6 +81,13 @@ class Sandbox:
             raise
         return sandbox
 
+    def connect_late_network(self) -> None:
+        """A network the caller made after create reaches the guest (net/late.py)."""
+        connect = getattr(self.network, "connect", None)
+        if connect is not None and self.vm.network_in_guest:
+            for msg in connect():
+                self.agent.call(msg)
+
     def container(self, cid: str) -> Container:
         container = self.containers.get(cid)
         if container is None:

@@ -91,6 +91,10 @@ class ShimServer:
         if network is not None:
             self.update(netns=network.netns)  # recorded first: delete releases it
         specns.enter(self.bundle.spec, self.bundle.hostname)  # our pid is the container's
+        if network is None and getattr(factory, "late_network", False) \
+                and params.driver != "namespace":
+            from ..net.late import LateNetwork  # runc's: configured between create and start
+            network = LateNetwork(f"/proc/{os.getpid()}/ns/net")
         self.sandbox = Sandbox.boot(self.cid, factory, config, self.path,
                                     hostname=self.bundle.hostname, network=network)
         self.record.qemu_pid = self.sandbox.vm.pid
@@ -234,6 +238,7 @@ class ShimServer:
     # ---- operations -----------------------------------------------------------------
 
     def op_start(self, req: p.Start, fds, conn) -> dict:
+        self.sandbox.connect_late_network()
         self.sandbox.start_container(self.cid)
         self.update(started=now_rfc3339())
         return {}

@@ -94,6 +94,7 @@ class DirectFactory:
     """Boots a fresh VM for every request."""
 
     name = "direct"
+    late_network = True   # its VMs can have a NIC for a network made after create
 
     def __init__(self, driver):
         self.driver = launcher.safe(driver)
