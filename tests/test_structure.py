@@ -85,12 +85,3 @@ def test_module_size(path, module, is_package):
         return
     assert sum(1 for _ in open(path)) <= 400, f"{module} is over 400 lines: split it"
 
-
-def test_every_package_is_installed():
-    """pyproject.toml lists packages by hand (the top-level folders map into runv_py):
-    a package missing there is missing from `pip install .` (runv_py.net once was)."""
-    import tomllib
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
-    found = {module for _, module, is_package in ALL if is_package}
-    assert found - listed == set(), "packages pyproject.toml does not install"
