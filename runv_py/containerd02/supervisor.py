@@ -58,6 +58,7 @@ class Supervisor:
         self.events = EventLog(os.path.join(containerd_dir, "events.log"))
         self.lock = threading.RLock()
         self.containers = {}              # id -> Entry
+        self.shims = set()                # pids of the shims we started (our children)
         self.stop = threading.Event()
         self.solo_done = False
         self.recover()
@@ -159,7 +160,8 @@ class Supervisor:
         try:
             if not os.path.isdir(bundle_path):
                 raise NotFound(f"bundle {bundle_path} does not exist")
-            lifecycle.create(self.root, cid, bundle_path, stdio_paths=stdio, **self.shim_args)
+            self.shims.add(lifecycle.create(self.root, cid, bundle_path, stdio_paths=stdio,
+                                            **self.shim_args))
         except BaseException:
             with self.lock:
                 self.containers.pop(cid, None)
