@@ -107,6 +107,17 @@ def test_exec_stdin_env_cwd_user_and_detached_pid(runv, bundle, tmp_path, subrea
     process = {"args": ["sh", "-c", "exit 9"], "cwd": "/", "env": ["PATH=/bin"]}
     (tmp_path / "process.json").write_text(json.dumps(process))
     assert runv("exec", "-p", str(tmp_path / "process.json"), cid).returncode == 9
+    # -u takes numbers, as runc's: a name is a clear error (it once was a traceback),
+    # and a uid without a gid keeps the process's gid.
+    process = {"args": ["sh", "-c", "id -u; id -g"], "cwd": "/", "env": ["PATH=/bin"],
+               "user": {"uid": 0, "gid": 100}}
+    (tmp_path / "process.json").write_text(json.dumps(process))
+    for bad in ("nobody", "1:users", "-1"):
+        r = runv("exec", "-u", bad, "-p", str(tmp_path / "process.json"), cid)
+        assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr
+        assert f"--user {bad!r}".encode() in r.stderr, r.stderr
+    r = runv("exec", "-u", "65534", "-p", str(tmp_path / "process.json"), cid)
+    assert r.stdout.decode().split() == ["65534", "100"], r.stderr
     runv("delete", "--force", cid, check=True)
 
 
