@@ -360,3 +360,39 @@ def test_concurrent_calls_on_one_id_are_serialised(runv, bundle):
     runv("resume", cid)
     assert runv("exec", cid, "true").returncode == 0
     runv("delete", "--force", cid, check=True)
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_to_a_booting_shim_stops_it(runv, bundle, tmp_path):
+    """A shim told to stop while its VM boots (there is no container yet to forward the
+    signal to) stops the start-up: create fails with the reason, the VM and the state
+    go. It once dropped the signal and created the container anyway."""
+    cid = runv.id()
+    with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+        create = subprocess.Popen(runv.args("create", "-b", bundle(["sleep", "600"]), cid),
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+    try:
+        state = os.path.join(runv.root, cid, "state.json")
+        deadline = time.monotonic() + 60
+        shim = 0
+        while time.monotonic() < deadline and not (shim and qemu_pids(runv.tag)):
+            try:
+                with open(state) as f:
+                    shim = json.load(f).get("shim_pid", 0)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        assert shim and qemu_pids(runv.tag), "the shim did not start booting"
+        with open(state) as f:
+            assert json.load(f)["status"] == "creating", "too late: the VM booted already"
+        os.kill(shim, signal.SIGTERM)
+        assert create.wait(timeout=60) == 1
+    finally:
+        if create.poll() is None:
+            create.kill()
+            create.wait()
+    assert b"signal 15" in (tmp_path / "err").read_bytes()
+    assert not wait_vms_gone(runv.tag), "the VM outlived its shim"
+    assert not os.path.exists(os.path.join(runv.root, cid))
+    r = runv("state", cid)
+    assert r.returncode == 1 and b"does not exist" in r.stderr
