@@ -1,6 +1,10 @@
-"""Every wait has a deadline: a lock another process holds too long is a clear error,
-not a hang (and leaves no fd behind)."""
+"""Every wait has a deadline, every error path closes its fds: a lock another process
+holds too long is a clear error, not a hang; a stdio sink whose reader went away and a
+console set-up that fails leave no fd behind."""
+import json
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -66,3 +70,39 @@ def test_container_lock_times_out_and_closes_its_fd(tmp_path, monkeypatch):
         assert open_fds() == before, "the lock's fd leaked"
     finally:
         os.close(holder)
+
+
+def test_a_sink_whose_reader_went_away_closes_its_fd():
+    from runv_py.vm.stdio import fd_sink
+    r, w = os.pipe()
+    os.close(r)
+    sink = fd_sink(w, close_at_eof=True)
+    with pytest.raises(BrokenPipeError):
+        sink(b"output nobody reads")  # the agent client then drops the stream
+    with pytest.raises(OSError):
+        os.fstat(w)
+    sink(b"")  # the end-of-file that may still come closes nothing else
+
+
+def test_a_console_set_up_that_fails_closes_both_ends(tmp_path):
+    """TIOCSCTTY fails in a process that is not a session leader (as a shim whose
+    set-up went wrong would): the pty's ends must not stay open."""
+    script = """if True:
+        import json, os
+        from runv_py.hyperstart.errors import Unavailable
+        from runv_py.shim.terminal import host_pty
+        assert os.getsid(0) != os.getpid()
+        before = sorted(os.listdir("/proc/self/fd"))
+        try:
+            host_pty(%r, controlling=True)
+            error = ""
+        except Exception as e:
+            error = type(e).__name__
+        print(json.dumps([error, before, sorted(os.listdir("/proc/self/fd"))]))
+    """ % str(tmp_path / "console.sock")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    error, before, after = json.loads(r.stdout)
+    assert error == "Unavailable"
+    assert after == before, "the pty leaked"

@@ -101,8 +101,10 @@ class Sandbox:
         namespaces in ``shared`` (type -> container id) are that container's."""
         with self.lock:
             if cid in self.containers:
+                close_io(io)  # ours from the call on, as exec's
                 raise AlreadyExists(f"container {cid!r} already exists")
             container = self.containers[cid] = Container(cid, bundle, host_pid)
+        init, pumping = None, False
         try:
             rootfs = os.path.join(cid, "rootfs")
             share.bind(bundle.rootfs, os.path.join(self.share_dir, rootfs), self.mount_ns)
@@ -121,11 +123,13 @@ class Sandbox:
             container.init = init
             container.state.to(states.CREATED, "create")
             self._pump_stdin(init)
+            pumping = True
             state = self.state_of(container)
             for kind in (hooks.PRESTART, hooks.CREATE_RUNTIME, hooks.CREATE_CONTAINER):
                 hooks.run_hooks(bundle.hooks, kind, state)
         except BaseException:
             self._discard(container)
+            self._drop_io(init, io, pumping)
             raise
         return container
 
@@ -149,7 +153,7 @@ class Sandbox:
                 raise InvalidArgument(f"invalid process id {exec_id!r}")
             check_process(process)
         except BaseException:
-            _close_io(io)
+            close_io(io)
             raise
         with self.lock:  # the exit of a process that ends at once waits for this
             try:
@@ -158,13 +162,13 @@ class Sandbox:
                     raise AlreadyExists(f"process {exec_id!r} already exists in container {cid}")
                 proc = self._new_process(container, process, exec_id, io)
             except BaseException:
-                _close_io(io)
+                close_io(io)
                 raise
             try:
                 proc.pid = self.agent.call(m.ExecCmd(container=cid, process=proc.spec)).pid
             except BaseException:
                 container.processes.pop(exec_id, None)
-                _close_io(io)
+                close_io(io)
                 raise
             proc.state.to(states.RUNNING, "start")
         self._pump_stdin(proc)
@@ -306,6 +310,19 @@ class Sandbox:
         container.processes[exec_id] = proc
         return proc
 
+    def _drop_io(self, proc: Optional[Process], io: ProcessIO, stdin_pumped: bool) -> None:
+        """A create failed: the fds it was given close (once: an output sink closes its
+        own; a pumped stdin closes at the pump's end-of-file)."""
+        for seq in proc.seqs if proc is not None else ():
+            sink = self.agent.sinks.get(seq)
+            self.agent.attach(seq, _discard_sink)
+            if hasattr(sink, "close"):
+                sink.close()
+        if proc is None:
+            close_io(io)
+        elif not stdin_pumped and io.owned and io.stdin >= 0:
+            close_io(ProcessIO(io.stdin, -1, -1))
+
     def _pump_stdin(self, proc: Process) -> None:
         # Only once the agent knows the stream: earlier input would be dropped.
         if proc.io.stdin >= 0:
@@ -373,7 +390,8 @@ def _discard_sink(data: bytes) -> None:
     pass
 
 
-def _close_io(io: ProcessIO) -> None:
+def close_io(io: ProcessIO) -> None:
+    """Close the fds of ``io`` if they are the sandbox's (a call that owns them failed)."""
     if io.owned:
         for fd in {io.stdin, io.stdout, io.stderr} - {-1}:
             try:

@@ -80,16 +80,22 @@ class Pod:
         self.lock = threading.Lock()
 
     def create(self, cid: str, bundle, io, host_pid_of) -> "Container":
-        """Create ``cid`` in the pod's VM (booting it for the sandbox container)."""
-        joins = sandbox_of(bundle.annotations)
-        if self.sandbox is None:
-            if joins:
-                raise FailedPrecondition(f"sandbox {joins} of container {cid} is not running")
-            self.sandbox = self.boot(cid, bundle)
-        elif joins != self.sandbox.id:
-            raise FailedPrecondition(f"container {cid} is not in pod {self.sandbox.id}")
-        self.needs[cid] = asked(bundle.resources)
-        self.grow()
+        """Create ``cid`` in the pod's VM (booting it for the sandbox container); ``io``
+        is the pod's from now on, also when this fails."""
+        from ..sandbox import close_io
+        try:
+            joins = sandbox_of(bundle.annotations)
+            if self.sandbox is None:
+                if joins:
+                    raise FailedPrecondition(f"sandbox {joins} of container {cid} is not running")
+                self.sandbox = self.boot(cid, bundle)
+            elif joins != self.sandbox.id:
+                raise FailedPrecondition(f"container {cid} is not in pod {self.sandbox.id}")
+            self.needs[cid] = asked(bundle.resources)
+            self.grow()
+        except BaseException:
+            close_io(io)
+            raise
         shared = {kind: self.sandbox.id for kind in shared_namespaces(bundle.spec)} if joins else {}
         return self.sandbox.create_container(cid, bundle, io, host_pid=host_pid_of(self.sandbox),
                                              shared=shared)
