@@ -106,3 +106,27 @@ def test_a_console_set_up_that_fails_closes_both_ends(tmp_path):
     error, before, after = json.loads(r.stdout)
     assert error == "Unavailable"
     assert after == before, "the pty leaked"
+
+
+class Launched:
+    """What a late launch returns: something the launcher must stop."""
+    stopped = False
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_a_launch_that_does_not_return_is_given_up_and_its_vm_stopped(monkeypatch):
+    from runv_py.vm import launcher
+    monkeypatch.setattr(launcher, "LAUNCH_TIMEOUT", 0.5, raising=False)
+    release = threading.Event()
+    late = Launched()
+
+    def slow_launch():
+        release.wait(30)
+        return late
+    error = bounded(lambda: launcher.Launcher.get().call(slow_launch))
+    assert isinstance(error, Unavailable) and "launcher" in str(error)
+    release.set()
+    assert launcher.Launcher.get().call(lambda: 42) == 42  # the launcher goes on
+    assert late.stopped, "a VM nobody waits for any more was left running"

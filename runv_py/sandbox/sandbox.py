@@ -34,6 +34,7 @@ from .stats import ContainerStats
 log = logging.getLogger("runv_py.sandbox")
 
 STREAM_DRAIN_TIMEOUT = 2.0
+THREAD_JOIN_TIMEOUT = 5.0     # destroy() waits this long for the sandbox's threads
 
 
 class Sandbox:
@@ -54,8 +55,10 @@ class Sandbox:
         self.memory_mib = booted.config.memory_mib
         self._exits: "queue.Queue" = queue.Queue()
         self.agent.event_callbacks.append(self._exits.put)
-        threading.Thread(target=self._dispatch_exits, name="exits", daemon=True).start()
-        threading.Thread(target=self._watch_vm, name="vm-watch", daemon=True).start()
+        self._threads = [threading.Thread(target=self._dispatch_exits, name="exits", daemon=True),
+                         threading.Thread(target=self._watch_vm, name="vm-watch", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     @classmethod
     def boot(cls, sandbox_id: str, factory, config, workdir: str, hostname: str = "",
@@ -290,6 +293,14 @@ class Sandbox:
             share.unbind(container.mounts, self.mount_ns)
         self.booted.release()  # a cache's directory for this VM
         self._exits.put(None)
+        # Both end now (the queue's end, the agent closed); not from one of them, though
+        # (a listener in the exits thread may destroy the sandbox).
+        deadline = time.monotonic() + THREAD_JOIN_TIMEOUT
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    log.warning("sandbox %s: thread %s did not end", self.id, thread.name)
 
     # ---- internals ------------------------------------------------------------------
 
