@@ -84,8 +84,13 @@ def test_full_cycle(runv, bundle, tmp_path, subreaper):
     listing = json.loads(runv("list", "--format", "json", check=True).stdout)
     assert [c["id"] for c in listing] == [cid]
     assert runv("list", "-q", check=True).stdout.decode().split() == [cid]
+    # The one process left is the init (sh exec'd sleep): its guest pid, which the guest's
+    # own /proc names `sleep 600` (pid 1 there is the agent, not the container).
     procs = json.loads(runv("ps", "--format", "json", cid, check=True).stdout)
-    assert procs == [1] or 1 in procs or len(procs) == 1
+    table = runv("ps", cid, check=True).stdout.decode().splitlines()
+    rows = [line.split(None, 5) for line in table[1:]]
+    assert [int(row[1]) for row in rows] == procs and len(procs) == 1, table
+    assert rows[0][5] == "sleep 600" and procs != [1], table
     runv("kill", cid, "KILL", check=True)
     assert wait_pid(pid) == 128 + signal.SIGKILL   # the host pid exits with the status
     wait_status(runv, cid, "stopped")

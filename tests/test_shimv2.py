@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import INITRD, KERNEL, qemu_pids, wait_vms_gone
+from conftest import INITRD, KERNEL, mounts_under, qemu_pids, wait_vms_gone
 from runv_py import ttrpc
 from runv_py.oci.busybox import make_bundle
 from runv_py.shimv2.pb import shimv2_pb2 as pb
@@ -177,6 +177,7 @@ def test_a_task_runs_every_hook_and_unknown_ids_are_not_found(tmp_path):
         assert shim.code("State", pb.StateRequest(id="nope")) == ttrpc.NOT_FOUND
         shim.call("Create", pb.CreateTaskRequest(id=cid, bundle=bundle), pb.CreateTaskResponse)
         assert log.read_text().split() == kinds[:3]
+        assert mounts_under(os.path.join(bundle, "runv")), "the check does not see the binds"
         assert shim.code("Start", pb.StartRequest(id=cid, exec_id="nope")) == ttrpc.NOT_FOUND
         assert shim.code("Kill", pb.KillRequest(id="nope", signal=9)) == ttrpc.NOT_FOUND
         shim.call("Start", pb.StartRequest(id=cid), pb.StartResponse)
@@ -185,6 +186,10 @@ def test_a_task_runs_every_hook_and_unknown_ids_are_not_found(tmp_path):
         assert shim.call("Wait", pb.WaitRequest(id=cid), pb.WaitResponse).exit_status == 0
         shim.call("Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
         assert log.read_text().split() == kinds
+        # Sampled while the daemon lives: its mount namespace holds the share's binds.
+        assert os.path.exists(f"/proc/{shim.pid}")
+        assert mounts_under(os.path.join(bundle, "runv")) == []
+        assert mounts_under(os.path.join(bundle, "rootfs")) == []
         assert shim.code("Delete", pb.DeleteRequest(id=cid)) == ttrpc.NOT_FOUND
     finally:
         shim.close()
