@@ -30,6 +30,7 @@ from . import share
 from .container import VM_DIED_STATUS, Container, Exit, Listener, Process, ProcessIO
 from .stats import FILES as STAT_FILES
 from .stats import ContainerStats
+from .stdio import close_io, discard_sink, drop_io
 
 log = logging.getLogger("runv_py.sandbox")
 
@@ -132,7 +133,7 @@ class Sandbox:
                 hooks.run_hooks(bundle.hooks, kind, state)
         except BaseException:
             self._discard(container)
-            self._drop_io(init, io, pumping)
+            drop_io(self.agent, init, io, pumping)
             raise
         return container
 
@@ -314,25 +315,12 @@ class Sandbox:
             io.stderr = -1
         seq_out = self.agent.new_seq()
         seq_err = 0 if terminal else self.agent.new_seq()
-        self.agent.attach(seq_out, fd_sink(io.stdout, io.owned) if io.stdout >= 0 else _discard_sink)
+        self.agent.attach(seq_out, fd_sink(io.stdout, io.owned) if io.stdout >= 0 else discard_sink)
         if seq_err:
-            self.agent.attach(seq_err, fd_sink(io.stderr, io.owned) if io.stderr >= 0 else _discard_sink)
+            self.agent.attach(seq_err, fd_sink(io.stderr, io.owned) if io.stderr >= 0 else discard_sink)
         proc = Process(container, process_spec(process, exec_id, seq_out, seq_err), io)
         container.processes[exec_id] = proc
         return proc
-
-    def _drop_io(self, proc: Optional[Process], io: ProcessIO, stdin_pumped: bool) -> None:
-        """A create failed: the fds it was given close (once: an output sink closes its
-        own; a pumped stdin closes at the pump's end-of-file)."""
-        for seq in proc.seqs if proc is not None else ():
-            sink = self.agent.sinks.get(seq)
-            self.agent.attach(seq, _discard_sink)
-            if hasattr(sink, "close"):
-                sink.close()
-        if proc is None:
-            close_io(io)
-        elif not stdin_pumped and io.owned and io.stdin >= 0:
-            close_io(ProcessIO(io.stdin, -1, -1))
 
     def _pump_stdin(self, proc: Process) -> None:
         # Only once the agent knows the stream: earlier input would be dropped.
@@ -395,20 +383,6 @@ class Sandbox:
         procs = [p for c in list(self.containers.values()) for p in list(c.processes.values())]
         for proc in sorted(procs, key=lambda p: p is p.container.init):
             self._finish(proc, Exit(status, now))
-
-
-def _discard_sink(data: bytes) -> None:
-    pass
-
-
-def close_io(io: ProcessIO) -> None:
-    """Close the fds of ``io`` if they are the sandbox's (a call that owns them failed)."""
-    if io.owned:
-        for fd in {io.stdin, io.stdout, io.stderr} - {-1}:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def _b64decode(data: str) -> str:
