@@ -57,14 +57,3 @@ def test_daemon_reaper_takes_only_its_shims():
         open(f"/proc/{shim.pid}/stat").read().rsplit(")", 1)[1].split()[1] != str(os.getpid())
     assert other.wait(timeout=5) == 7, "the reaper took another waiter's child"
 
-
-def test_daemon_entries_hold_no_status_of_their_own():
-    """The 0.2 daemon's entry keeps what only it knows; the status is the shim's record.
-    An entry written before (with a status) still says whether its exit was logged."""
-    from runv_py.containerd02.supervisor import Entry
-    entry = Entry({"id": "c", "bundle": "/b", "labels": [], "stdio": [], "processes": {}})
-    assert "status" not in entry.to_json() and not entry.exit_logged and not entry.creating
-    old = Entry({"id": "c", "bundle": "/b", "labels": [], "stdio": [], "processes": {},
-                 "status": "stopped"})
-    assert old.exit_logged and "status" not in old.to_json()
-    assert not Entry({"id": "c", "status": "running"}).exit_logged

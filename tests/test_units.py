@@ -315,3 +315,15 @@ def test_cli_launcher_state_and_list_import_little(tmp_path, line):
     assert "runv_py.cli.hot" in imported
     assert not imported & {"re", "dataclasses", "inspect", "typing", "enum", "json", "ctypes",
                            "click", "logging"}
+
+
+def test_daemon_entries_hold_no_status_of_their_own():
+    """The 0.2 daemon's entry keeps what only it knows; the status is the shim's record.
+    An entry written before (with a status) still says whether its exit was logged."""
+    from runv_py.containerd02.supervisor import Entry
+    entry = Entry({"id": "c", "bundle": "/b", "labels": [], "stdio": [], "processes": {}})
+    assert "status" not in entry.to_json() and not entry.exit_logged and not entry.creating
+    old = Entry({"id": "c", "bundle": "/b", "labels": [], "stdio": [], "processes": {},
+                 "status": "stopped"})
+    assert old.exit_logged and "status" not in old.to_json()
+    assert not Entry({"id": "c", "status": "running"}).exit_logged
