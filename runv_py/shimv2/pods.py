@@ -78,6 +78,7 @@ class Pod:
         self.left_cgroups = []        # where this daemon was before joining it
         self.needs = {}               # container id -> (cpus, MiB) of its limits
         self.lock = threading.Lock()
+        self.ending = threading.Lock()  # end() runs once at a time, to its end
 
     def create(self, cid: str, bundle, io, host_pid_of) -> "Container":
         """Create ``cid`` in the pod's VM (booting it for the sandbox container); ``io``
@@ -137,12 +138,15 @@ class Pod:
 
     def end(self) -> None:
         """Stop the VM; leave the host cgroup (back where this daemon was) and remove it.
-        Safe to call twice, and from two threads (the sandbox's exit, a Delete)."""
-        with self.lock:
-            sandbox, cgroup, self.cgroup = self.sandbox, self.cgroup, None
-        if sandbox is not None:
-            sandbox.destroy()
-        if cgroup is not None:
-            from ..host.cgroups import HostCgroup
-            HostCgroup.rejoin(self.left_cgroups)
-            cgroup.remove()
+        Safe to call twice, and from two threads (the sandbox's exit, a Delete, the
+        Shutdown): a second call returns once the first is done, so the daemon never
+        exits (after Shutdown's call) with the cgroup still to remove."""
+        with self.ending:
+            with self.lock:
+                sandbox, cgroup, self.cgroup = self.sandbox, self.cgroup, None
+            if sandbox is not None:
+                sandbox.destroy()
+            if cgroup is not None:
+                from ..host.cgroups import HostCgroup
+                HostCgroup.rejoin(self.left_cgroups)
+                cgroup.remove()
