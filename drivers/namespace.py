@@ -88,29 +88,23 @@ class NamespaceVM:
         cmd += [f"--cgroup={c}={path}" for c, path in self.cgroups.items()]
         # Capped like the VM it stands in for: its memory and its vCPUs.
         cmd += [f"--memory={config.memory_mib * 1024 * 1024}", f"--cpus={config.cpus}"]
-        parent = os.getpid()
         netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns else -1
-
-        def enter():  # in the child, before exec: no imports here
-            # If we die, the launcher kills the agent and removes the cgroups: SIGTERM,
-            # blocked until its handler is in place.
-            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])
-            sc.die_with_parent(signal.SIGTERM)
-            if os.getppid() != parent:
-                os._exit(1)  # the runtime died before the parent-death signal was set
-            if netns_fd >= 0:
-                sc.setns(netns_fd, sc.CLONE_NEWNET)
-            sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
-                       | (0 if netns_fd >= 0 else sc.CLONE_NEWNET))
-
+        # The agent enters its namespaces and sets its parent-death signal itself, after
+        # exec: no Python runs between fork and exec in this threaded process. If we die
+        # it kills the agent and removes the cgroups on SIGTERM, which it inherits
+        # blocked (the signal mask survives exec) until its handler is in place.
+        cmd += [f"--parent={os.getpid()}", f"--netns-fd={netns_fd}"]
+        pass_fds = (ctl_agent.fileno(), stream_agent.fileno()) + ((netns_fd,) if netns else ())
         with open(os.path.join(self.workdir, AGENT_LOG), "wb") as alog:
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])
             try:
                 self.process = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=alog, stderr=alog, preexec_fn=enter,
-                    pass_fds=(ctl_agent.fileno(), stream_agent.fileno()), start_new_session=True)
+                    cmd, stdin=subprocess.DEVNULL, stdout=alog, stderr=alog, pass_fds=pass_fds,
+                    start_new_session=True)
             except (OSError, subprocess.SubprocessError) as e:
                 raise DriverError(f"cannot start the namespace agent: {e}") from None
             finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 ctl_agent.close()
                 stream_agent.close()
                 if netns_fd >= 0:

@@ -1,9 +1,10 @@
 """The hyperstart agent on the host, for the namespace driver.
 
 ``python3 -m runv_py.hyperstart.hostagent --control-fd N --stream-fd M --share DIR
---cgroup memory=PATH --cgroup pids=PATH ...`` is started by ``drivers/namespace.py``
-already inside new mount, UTS, IPC and network namespaces and with CLONE_NEWPID
-unshared, so its first child is PID 1 of a new pid namespace. That child runs the same
+--cgroup memory=PATH --cgroup pids=PATH --parent PID [--netns-fd N] ...`` is started by
+``drivers/namespace.py`` with SIGTERM blocked; it enters new mount, UTS, IPC and network
+namespaces (or the pod's network namespace) and unshares CLONE_NEWPID itself, before
+anything else, so its first child is PID 1 of a new pid namespace. That child runs the same
 ``Agent`` as the guest, on a ``HostPlatform``; this process stays outside, waits for it
 and kills it (SIGKILL on PID 1 ends every process of the namespace) when told to stop.
 
@@ -72,6 +73,20 @@ def become_namespace_init() -> None:
     sc.die_with_parent(signal.SIGKILL)  # never outlive the launcher
 
 
+def enter_namespaces(parent: int, netns_fd: int) -> None:
+    """What no Python may do between fork and exec in the driver's threaded process:
+    die with the launcher, join the pod's network namespace (or make one) and make new
+    mount, UTS, IPC and pid namespaces. Single-threaded here, so unshare may."""
+    sc.die_with_parent(signal.SIGTERM)
+    if parent and os.getppid() != parent:
+        sys.exit(1)  # the launcher died before the parent-death signal was set
+    if netns_fd >= 0:
+        sc.setns(netns_fd, sc.CLONE_NEWNET)
+        os.close(netns_fd)
+    sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
+               | (0 if netns_fd >= 0 else sc.CLONE_NEWNET))
+
+
 def remove_cgroups(cgroups: dict) -> None:
     """Leave the sandbox's cgroups and remove them with what the agent left in them.
 
@@ -108,7 +123,10 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", type=int, default=0, help="sandbox memory limit, bytes")
     parser.add_argument("--cpus", type=int, default=0, help="sandbox CPU quota, in CPUs")
     parser.add_argument("--name", default="", help="only for ps: which sandbox this is")
+    parser.add_argument("--parent", type=int, default=0, help="the launcher: end without it")
+    parser.add_argument("--netns-fd", type=int, default=-1, help="the pod's network namespace")
     args = parser.parse_args(argv)
+    enter_namespaces(args.parent, args.netns_fd)
     cgroups = dict(item.split("=", 1) for item in args.cgroup)
     agent_cgroups = {c: p for c, p in cgroups.items() if c != "freezer"}
     # The driver starts us with SIGTERM blocked (it is also our parent-death signal): one

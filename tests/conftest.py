@@ -55,6 +55,30 @@ def wait_vms_gone(*tags: str, timeout: float = 5) -> list:
     return [pid for t in tags for pid in vm_pids(t)]
 
 
+def mounts_under(path: str) -> list:
+    """Mounts at or below ``path`` in every mount namespace on the host, each namespace
+    read once ("PID: mountinfo line"). Not only ours: a shim mounts in a private
+    namespace, which lives as long as any process in it, so that is where a leak is."""
+    seen, found = set(), []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+            if ns in seen:
+                continue
+            with open(f"/proc/{pid}/mountinfo") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue  # gone, or a kernel thread
+        seen.add(ns)
+        for line in lines:
+            point = line.split()[4].replace("\\040", " ")
+            if point == path or point.startswith(path.rstrip("/") + "/"):
+                found.append(f"{pid}: {line}")
+    return found
+
+
 class Runv:
     """Runs the runv-py CLI with a private --root; ids carry a per-test tag."""
 
@@ -111,8 +135,7 @@ def runv(tmp_path):
     for pid in leaked:
         os.kill(pid, 9)
     left = os.listdir(root) if os.path.isdir(root) else []
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line for line in f if root in line]
+    mounts = mounts_under(root)
     assert not leaked, f"QEMU or virtiofsd processes leaked: {leaked}"
     assert not [d for d in left if tag in d], f"state directories leaked: {left}"
     assert not mounts, f"mounts leaked: {mounts}"

@@ -3,6 +3,7 @@ namespace driver's host agent, PID 1 of its own pid namespace) and is reached ov
 socketpairs, with the same typed messages a guest gets."""
 import json
 import os
+import threading
 import time
 import uuid
 
@@ -26,11 +27,15 @@ def driver():
 
 @pytest.fixture
 def sandbox(driver, tmp_path):
+    before = set(threading.enumerate())
     box = Sandbox.boot(f"agent-{uuid.uuid4().hex[:8]}", DirectFactory(driver), BootConfig(),
                        str(tmp_path / "sandbox"))
+    own = [t for t in set(threading.enumerate()) - before if t.name in ("exits", "vm-watch")]
+    assert len(own) == 2
     yield box
     box.destroy()
     assert not box.vm.alive()
+    assert [t.name for t in own if t.is_alive()] == [], "destroy() left its threads running"
 
 
 def bundle(tmp_path, args, name="b", **spec_changes):

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import INITRD, KERNEL, qemu_pids, wait_vms_gone
+from conftest import INITRD, KERNEL, mounts_under, qemu_pids, wait_vms_gone
 from runv_py import ttrpc
 from runv_py.oci.busybox import make_bundle
 from runv_py.shimv2.pb import shimv2_pb2 as pb
@@ -177,6 +177,7 @@ def test_a_task_runs_every_hook_and_unknown_ids_are_not_found(tmp_path):
         assert shim.code("State", pb.StateRequest(id="nope")) == ttrpc.NOT_FOUND
         shim.call("Create", pb.CreateTaskRequest(id=cid, bundle=bundle), pb.CreateTaskResponse)
         assert log.read_text().split() == kinds[:3]
+        assert mounts_under(os.path.join(bundle, "runv")), "the check does not see the binds"
         assert shim.code("Start", pb.StartRequest(id=cid, exec_id="nope")) == ttrpc.NOT_FOUND
         assert shim.code("Kill", pb.KillRequest(id="nope", signal=9)) == ttrpc.NOT_FOUND
         shim.call("Start", pb.StartRequest(id=cid), pb.StartResponse)
@@ -185,6 +186,10 @@ def test_a_task_runs_every_hook_and_unknown_ids_are_not_found(tmp_path):
         assert shim.call("Wait", pb.WaitRequest(id=cid), pb.WaitResponse).exit_status == 0
         shim.call("Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
         assert log.read_text().split() == kinds
+        # Sampled while the daemon lives: its mount namespace holds the share's binds.
+        assert os.path.exists(f"/proc/{shim.pid}")
+        assert mounts_under(os.path.join(bundle, "runv")) == []
+        assert mounts_under(os.path.join(bundle, "rootfs")) == []
         assert shim.code("Delete", pb.DeleteRequest(id=cid)) == ttrpc.NOT_FOUND
     finally:
         shim.close()
@@ -216,3 +221,50 @@ def test_a_template_in_the_config_makes_every_vm_a_clone(tmp_path, cli_template)
         shim.close()
         os.close(out_fd)
     assert not qemu_pids(tag)
+
+
+def fds_on(pid: int, *paths: str) -> list:
+    """The fds of ``pid`` open on any of ``paths``."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in paths:
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("failure", ["boot", "hook"])
+def test_a_failed_create_closes_the_task_stdio(tmp_path, failure):
+    """A create that fails after the task's FIFOs were opened closes them (the daemon
+    lives on, serving other tasks): before the container exists (its VM cannot boot)
+    and after its output was attached (a createRuntime hook fails in the VM's pod)."""
+    tag = uuid.uuid4().hex[:8]
+    cid = f"fd-{tag}"
+    bundle = make_bundle(str(tmp_path / "bundle"), ["true"])
+    env = {}
+    if failure == "boot":
+        config = tmp_path / "runv-py.toml"
+        config.write_text(f'kernel = "{tmp_path}/no-kernel"\ninitrd = "{INITRD}"\n')
+        env = {"RUNVPY_CONFIG": str(config)}
+    else:
+        spec = json.load(open(os.path.join(bundle, "config.json")))
+        spec["hooks"] = {"createRuntime": [{"path": "/bin/busybox", "args": ["false"]}]}
+        json.dump(spec, open(os.path.join(bundle, "config.json"), "w"))
+    fifos = [str(tmp_path / name) for name in ("stdin", "stdout", "stderr")]
+    for path in fifos:
+        os.mkfifo(path)
+    shim = ShimV2(tmp_path, cid, bundle, env=env)
+    try:
+        with pytest.raises(ttrpc.TtrpcError):
+            shim.call("Create", pb.CreateTaskRequest(
+                id=cid, bundle=bundle, stdin=fifos[0], stdout=fifos[1], stderr=fifos[2]))
+        deadline = time.monotonic() + 5
+        while fds_on(shim.pid, *fifos) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fds_on(shim.pid, *fifos) == [], "the task's FIFOs are still open"
+        assert shim.code("State", pb.StateRequest(id=cid)) == ttrpc.NOT_FOUND
+    finally:
+        shim.close()
+    assert not wait_vms_gone(tag, timeout=10)

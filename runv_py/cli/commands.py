@@ -170,6 +170,8 @@ def exec(opts, process_file, tty, detach, cwd, env, user, pid_file, console_sock
                 process = json.load(f)
         except (OSError, ValueError, RecursionError) as e:
             raise BundleError(f"cannot read {process_file}: {e}") from None
+        if not isinstance(process, dict):
+            raise BundleError(f"{process_file}: a process must be a JSON object")
         from ..oci.bundle import check_process
         check_process(process, process_file)  # its types, before anything reads it
     else:
@@ -184,8 +186,7 @@ def exec(opts, process_file, tty, detach, cwd, env, user, pid_file, console_sock
     if env:
         process["env"] = list(process.get("env") or []) + list(env)
     if user:
-        uid, _, gid = user.partition(":")
-        process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+        process["user"] = exec_user(process.get("user"), user)
     if tty:
         process["terminal"] = True
     raw = process.get("terminal") and not detach and not console_socket and os.isatty(0)
@@ -197,6 +198,22 @@ def exec(opts, process_file, tty, detach, cwd, env, user, pid_file, console_sock
         status = lifecycle.exec_process(opts.root, container_id, process, detach, pid_file,
                                         console_socket, exec_id, split_stdio(stdio), on_started)
     sys.exit(status)
+
+
+def exec_user(current, value: str) -> dict:
+    """``-u uid[:gid]`` as runc takes it: numbers only (runc resolves no names either:
+    they are the container's), and a gid not given keeps the process's."""
+    from ..oci.bundle import BundleError
+    if current is not None and not isinstance(current, dict):
+        raise BundleError("process.user must be an object")
+    user = dict(current or {"gid": 0})
+    uid, colon, gid = value.partition(":")
+    for name, text in (("uid", uid), ("gid", gid)) if colon else (("uid", uid),):
+        if not text.isdigit() or int(text) >= 1 << 32:
+            raise BundleError(f"bad {name} {text!r} in --user {value!r}: "
+                              "it takes uid[:gid], as numbers")
+        user[name] = int(text)
+    return user
 
 
 @click.command()

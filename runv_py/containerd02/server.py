@@ -16,7 +16,6 @@ from google.protobuf import timestamp_pb2
 
 from ..host import statedir
 from ..hyperstart import errors
-from ..hyperstart import syscalls
 from ..sandbox import ContainerStats
 from . import api_pb2 as pb
 from . import api_pb2_grpc as pb_grpc
@@ -196,25 +195,18 @@ class PidFile:
             pass
 
 
-def reap_children(stop: threading.Event) -> None:
-    """Shims and exec holders are reparented to the daemon (a subreaper); collect them.
-    Only zombies are taken, so subprocess.run keeps the statuses of its own children."""
-    me = str(os.getpid())
+def reap_children(stop: threading.Event, shims: set = frozenset()) -> None:
+    """Collect the shims this daemon started (``shims``, its own children, by pid) once
+    they exit, and nothing else: the status of any other child (a hook, nsenter) belongs
+    to the subprocess call that waits for it, and waitpid on "any zombie" would steal it."""
     while not stop.wait(0.5):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+        for pid in list(shims):
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2:].split()
-            if fields[0] == "Z" and fields[1] == me:
-                try:
-                    os.waitpid(int(entry), os.WNOHANG)
-                except ChildProcessError:
-                    pass
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid  # reaped already (subprocess's own clean-up does, too)
+            if done:
+                shims.discard(pid)
 
 
 def serve(shim_args: dict, state_dir: str, containerd_dir: str, listen: str,
@@ -222,7 +214,6 @@ def serve(shim_args: dict, state_dir: str, containerd_dir: str, listen: str,
     os.makedirs(containerd_dir, mode=0o700, exist_ok=True)
     pid_file = PidFile(os.path.join(containerd_dir, "containerd.pid"))
     pid_file.acquire()
-    syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
     stopping = threading.Event()
     supervisor = Supervisor(state_dir, containerd_dir, shim_args)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
@@ -247,7 +238,7 @@ def serve(shim_args: dict, state_dir: str, containerd_dir: str, listen: str,
     os.chmod(listen, 0o600)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, lambda *_: stopping.set())
-    threading.Thread(target=reap_children, args=(stopping,), daemon=True).start()
+    threading.Thread(target=reap_children, args=(stopping, supervisor.shims), daemon=True).start()
     if solo_namespaced:
         threading.Thread(target=watch_solo, args=(supervisor, stopping), daemon=True).start()
     log.info("runv-py containerd listening on %s", listen)

@@ -6,10 +6,11 @@ VM itself and can be stopped, killed and restarted without losing one: at start 
 reads what it knew from the containerd dir, asks each shim's record what happened
 meanwhile, and logs the exits it missed.
 
-Each container's record here follows the state machine of hyperstart.states: creating
-(its id is taken, it is not listed yet), created, running, stopped (its exit is logged;
-the record goes). A container's lock is held while a start or exec is under way, so the
-watcher never logs an exit before the start it follows.
+A container's status is its shim's record (state.json), the one the CLI reads too; the
+daemon's own entry holds only what the shim does not know: its id is taken while the
+shim starts (not listed yet), and once its exit is logged the entry goes. A
+container's lock is held while a start or exec is under way, so the watcher never logs
+an exit before the start it follows.
 """
 import json
 import logging
@@ -31,20 +32,28 @@ WATCH_INTERVAL = 0.1
 
 
 class Entry:
-    """What the daemon keeps of one container (persisted as containers/ID.json)."""
+    """What the daemon keeps of one container (persisted as containers/ID.json): what
+    only the daemon knows (labels, stdio, processes, whether it logged the exit). The
+    container's status is its shim's record, read where it is needed, never a copy."""
 
-    def __init__(self, data: dict):
+    def __init__(self, data: dict, creating: bool = False):
+        data = dict(data)
+        if data.pop("status", None) == states.STOPPED:
+            data["exit_logged"] = True  # an entry written before the status went
         self.data = data
-        self.state = states.StateMachine(f"container {data['id']}",
-                                         states.Status.parse(data.get("status", "created")))
+        self.creating = creating  # its id is taken, the shim not started yet: unlisted
         self.lock = threading.Lock()
 
     @property
     def id(self) -> str:
         return self.data["id"]
 
+    @property
+    def exit_logged(self) -> bool:
+        return bool(self.data.get("exit_logged"))
+
     def to_json(self) -> dict:
-        return dict(self.data, status=self.state.status)
+        return dict(self.data)
 
 
 class Supervisor:
@@ -58,6 +67,7 @@ class Supervisor:
         self.events = EventLog(os.path.join(containerd_dir, "events.log"))
         self.lock = threading.RLock()
         self.containers = {}              # id -> Entry
+        self.shims = set()                # pids of the shims we started (our children)
         self.stop = threading.Event()
         self.solo_done = False
         self.recover()
@@ -98,7 +108,7 @@ class Supervisor:
                     entry.lock.release()
 
     def check(self, entry: Entry) -> None:
-        if entry.state.is_(states.CREATING, states.STOPPED):
+        if entry.creating or entry.exit_logged:
             return
         try:
             record = read_record(self.root, entry.id)
@@ -121,7 +131,7 @@ class Supervisor:
             if oom:
                 self.events.append("oom", entry.id, "init")
             self.events.append("exit", entry.id, "init", 255 if code is None else int(code))
-        entry.state.stop()
+        entry.data["exit_logged"] = True
         self.save(entry)  # a daemon killed right here must not log the exit twice
         try:
             lifecycle.delete(self.root, entry.id, force=True)
@@ -139,7 +149,7 @@ class Supervisor:
     def entry(self, cid: str) -> Entry:
         with self.lock:
             entry = self.containers.get(cid)
-        if entry is None or entry.state.is_(states.CREATING):
+        if entry is None or entry.creating:
             raise NotFound(f"container {cid} does not exist")
         return entry
 
@@ -155,17 +165,18 @@ class Supervisor:
                 raise AlreadyExists(f"container {cid} already exists")
             entry = self.containers[cid] = Entry({
                 "id": cid, "bundle": bundle_path, "labels": list(labels), "stdio": list(stdio),
-                "processes": {}, "status": states.CREATING})
+                "processes": {}}, creating=True)
         try:
             if not os.path.isdir(bundle_path):
                 raise NotFound(f"bundle {bundle_path} does not exist")
-            lifecycle.create(self.root, cid, bundle_path, stdio_paths=stdio, **self.shim_args)
+            self.shims.add(lifecycle.create(self.root, cid, bundle_path, stdio_paths=stdio,
+                                            **self.shim_args))
         except BaseException:
             with self.lock:
                 self.containers.pop(cid, None)
             raise
         with entry.lock:
-            entry.state.to(states.CREATED, "create")
+            entry.creating = False
             self.save(entry)
         if mode == "":
             self.start(entry)
@@ -173,12 +184,9 @@ class Supervisor:
 
     def start(self, entry: Entry) -> None:
         with entry.lock:
-            entry.state.require("start", states.CREATED)
-            lifecycle.start(self.root, entry.id)
+            lifecycle.start(self.root, entry.id)  # refused unless the record says created
             # Logged before the watcher may log the exit of a process that ends at once.
             self.events.append("start-container", entry.id, "init")
-            entry.state.to(states.RUNNING, "start")
-            self.save(entry)
 
     def add_process(self, cid: str, name: str, process: dict, stdio: tuple) -> int:
         entry = self.entry(cid)
@@ -257,7 +265,7 @@ class Supervisor:
 
     def list(self, cid: str = "") -> list:
         with self.lock:
-            ids = [c for c, e in self.containers.items() if not e.state.is_(states.CREATING)]
+            ids = [c for c, e in self.containers.items() if not e.creating]
         if cid:
             if cid not in ids:
                 raise NotFound(f"container {cid} does not exist")

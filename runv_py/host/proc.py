@@ -31,9 +31,14 @@ def alive(pid: int, started: str = "") -> bool:
 
 def kill_and_wait(pid: int, started: str = "", timeout: float = 5.0) -> None:
     """SIGKILL ``pid`` (if it is still the process that started at ``started``) and
-    wait until it is gone, reaping it if it is our child."""
+    wait until it is gone, reaping it if it is our child. A pid of 0 or less (a record
+    written before its process started) names no process: waitpid would take it for a
+    process group and reap any child of ours, stealing the status its waiter expects."""
+    if pid <= 0:
+        return
     if not alive(pid, started):
-        _reap(pid)
+        if not started or start_time(pid) in ("", started):
+            _reap(pid)  # our zombie, not a new child that got the pid since
         return
     import signal  # imports enum: not for the commands that only read records
     try:
@@ -55,6 +60,8 @@ def wait_gone(pid: int, timeout: float) -> bool:
 
 
 def _reap(pid: int) -> None:
+    if pid <= 0:
+        return  # waitpid(0 or -N) would reap any child of a process group
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:

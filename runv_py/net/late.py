@@ -78,3 +78,12 @@ class LateNetwork(PodNetwork):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def connect_to_guest(sandbox) -> None:
+    """Before a container starts: the network its caller made after create, if any,
+    reaches ``sandbox``'s guest."""
+    network = sandbox.network
+    if isinstance(network, LateNetwork) and sandbox.vm.network_in_guest:
+        for msg in network.connect():
+            sandbox.agent.call(msg)

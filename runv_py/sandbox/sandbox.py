@@ -30,10 +30,12 @@ from . import share
 from .container import VM_DIED_STATUS, Container, Exit, Listener, Process, ProcessIO
 from .stats import FILES as STAT_FILES
 from .stats import ContainerStats
+from .stdio import close_io, discard_sink, drop_io
 
 log = logging.getLogger("runv_py.sandbox")
 
 STREAM_DRAIN_TIMEOUT = 2.0
+THREAD_JOIN_TIMEOUT = 5.0     # destroy() waits this long for the sandbox's threads
 
 
 class Sandbox:
@@ -55,8 +57,10 @@ class Sandbox:
         self.memory_mib = booted.config.memory_mib
         self._exits: "queue.Queue" = queue.Queue()
         self.agent.event_callbacks.append(self._exits.put)
-        threading.Thread(target=self._dispatch_exits, name="exits", daemon=True).start()
-        threading.Thread(target=self._watch_vm, name="vm-watch", daemon=True).start()
+        self._threads = [threading.Thread(target=self._dispatch_exits, name="exits", daemon=True),
+                         threading.Thread(target=self._watch_vm, name="vm-watch", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     @classmethod
     def boot(cls, sandbox_id: str, factory, config, workdir: str, hostname: str = "",
@@ -81,13 +85,6 @@ class Sandbox:
             raise
         return sandbox
 
-    def connect_late_network(self) -> None:
-        """A network the caller made after create reaches the guest (net/late.py)."""
-        connect = getattr(self.network, "connect", None)
-        if connect is not None and self.vm.network_in_guest:
-            for msg in connect():
-                self.agent.call(msg)
-
     def container(self, cid: str) -> Container:
         container = self.containers.get(cid)
         if container is None:
@@ -109,8 +106,10 @@ class Sandbox:
         namespaces in ``shared`` (type -> container id) are that container's."""
         with self.lock:
             if cid in self.containers:
+                close_io(io)  # ours from the call on, as exec's
                 raise AlreadyExists(f"container {cid!r} already exists")
             container = self.containers[cid] = Container(cid, bundle, host_pid)
+        init, pumping = None, False
         try:
             rootfs = os.path.join(cid, "rootfs")
             share.bind(bundle.rootfs, os.path.join(self.share_dir, rootfs), self.mount_ns)
@@ -130,11 +129,13 @@ class Sandbox:
             container.init = init
             container.state.to(states.CREATED, "create")
             self._pump_stdin(init)
+            pumping = True
             state = self.state_of(container)
             for kind in (hooks.PRESTART, hooks.CREATE_RUNTIME, hooks.CREATE_CONTAINER):
                 hooks.run_hooks(bundle.hooks, kind, state)
         except BaseException:
             self._discard(container)
+            drop_io(self.agent, init, io, pumping)
             raise
         return container
 
@@ -158,7 +159,7 @@ class Sandbox:
                 raise InvalidArgument(f"invalid process id {exec_id!r}")
             check_process(process)
         except BaseException:
-            _close_io(io)
+            close_io(io)
             raise
         with self.lock:  # the exit of a process that ends at once waits for this
             try:
@@ -167,13 +168,13 @@ class Sandbox:
                     raise AlreadyExists(f"process {exec_id!r} already exists in container {cid}")
                 proc = self._new_process(container, process, exec_id, io)
             except BaseException:
-                _close_io(io)
+                close_io(io)
                 raise
             try:
                 proc.pid = self.agent.call(m.ExecCmd(container=cid, process=proc.spec)).pid
             except BaseException:
                 container.processes.pop(exec_id, None)
-                _close_io(io)
+                close_io(io)
                 raise
             proc.state.to(states.RUNNING, "start")
         self._pump_stdin(proc)
@@ -298,6 +299,14 @@ class Sandbox:
         self.volumes.release_all()
         self.booted.release()  # a cache's directory for this VM
         self._exits.put(None)
+        # Both end now (the queue's end, the agent closed); not from one of them, though
+        # (a listener in the exits thread may destroy the sandbox).
+        deadline = time.monotonic() + THREAD_JOIN_TIMEOUT
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    log.warning("sandbox %s: thread %s did not end", self.id, thread.name)
 
     # ---- internals ------------------------------------------------------------------
 
@@ -311,9 +320,9 @@ class Sandbox:
             io.stderr = -1
         seq_out = self.agent.new_seq()
         seq_err = 0 if terminal else self.agent.new_seq()
-        self.agent.attach(seq_out, fd_sink(io.stdout, io.owned) if io.stdout >= 0 else _discard_sink)
+        self.agent.attach(seq_out, fd_sink(io.stdout, io.owned) if io.stdout >= 0 else discard_sink)
         if seq_err:
-            self.agent.attach(seq_err, fd_sink(io.stderr, io.owned) if io.stderr >= 0 else _discard_sink)
+            self.agent.attach(seq_err, fd_sink(io.stderr, io.owned) if io.stderr >= 0 else discard_sink)
         proc = Process(container, process_spec(process, exec_id, seq_out, seq_err), io)
         container.processes[exec_id] = proc
         return proc
@@ -380,19 +389,6 @@ class Sandbox:
         procs = [p for c in list(self.containers.values()) for p in list(c.processes.values())]
         for proc in sorted(procs, key=lambda p: p is p.container.init):
             self._finish(proc, Exit(status, now))
-
-
-def _discard_sink(data: bytes) -> None:
-    pass
-
-
-def _close_io(io: ProcessIO) -> None:
-    if io.owned:
-        for fd in {io.stdin, io.stdout, io.stderr} - {-1}:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def _b64decode(data: str) -> str:

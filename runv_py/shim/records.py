@@ -10,11 +10,10 @@ only locks or connects (fcntl, socket) is imported where it is used.
 from __future__ import annotations  # annotations stay text: typing is not imported
 
 import os
-import time
 
 from ..host import proc, statedir
 from ..hyperstart import states
-from ..hyperstart.errors import NotFound, Unavailable
+from ..hyperstart.errors import NotFound
 from ..hyperstart.protocol import json_dumps, json_loads  # json's decoder imports re
 from ..oci.state import oci_state
 
@@ -139,20 +138,13 @@ class Lock:
         self.fd = -1
 
     def __enter__(self):
-        import fcntl
+        from ..host.flock import lock
         try:
-            self.fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+            self.fd = lock(os.path.join(self.path, LOCK_FILE), LOCK_TIMEOUT,
+                           "another runv-py call holds this container for too long")
         except FileNotFoundError:
-            return self  # the container is gone; the caller will find out
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise Unavailable("another runv-py call holds this container for too long")
-                time.sleep(0.01)
+            pass  # the container is gone; the caller will find out
+        return self
 
     def __exit__(self, *exc):
         if self.fd >= 0:

@@ -38,6 +38,12 @@ MAX_REQUESTS = 128
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
+# While the shim boots there is no container to forward to: these stop the start-up.
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+class StoppedWhileBooting(Unavailable):
+    """A stopping signal came before the container was reported created."""
 
 
 def refuse(conn: socket.socket, error: RunvError) -> None:
@@ -73,6 +79,8 @@ class ShimServer:
         self.in_flight = 0
         self.idle = threading.Condition()
         self.slots = threading.BoundedSemaphore(MAX_REQUESTS)
+        self.booting = True       # until the spawner has our report
+        self.stop_signal = 0      # a stopping signal that came while booting
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -238,7 +246,8 @@ class ShimServer:
     # ---- operations -----------------------------------------------------------------
 
     def op_start(self, req: p.Start, fds, conn) -> dict:
-        self.sandbox.connect_late_network()
+        from ..net.late import connect_to_guest
+        connect_to_guest(self.sandbox)
         self.sandbox.start_container(self.cid)
         self.update(started=now_rfc3339())
         return {}
@@ -322,11 +331,15 @@ class ShimServer:
             syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
             self.record.write()
             self.boot()
+            if self.stop_signal:
+                raise self.stopped()  # a clean-up on the way caught it and went on
             self.listen()
             threading.Thread(target=self.serve, name="serve", daemon=True).start()
+            self.booting = False  # from here a signal is the container's
             os.write(report_fd, p.ok(pid=os.getpid()))
             os.close(report_fd)
         except BaseException as e:
+            self.booting = False  # a second signal must not break the clean-up
             log.exception("shim start-up failed")
             try:
                 os.write(report_fd, p.error(e))
@@ -340,6 +353,10 @@ class ShimServer:
         self.teardown()
         return self.exit_status
 
+    def stopped(self) -> StoppedWhileBooting:
+        return StoppedWhileBooting(f"the shim got signal {self.stop_signal} while starting "
+                                   "the container: stopped")
+
     def on_winch(self, _signum, _frame) -> None:
         def resize():
             size = terminal_size(self.tty_fd)
@@ -351,7 +368,15 @@ class ShimServer:
         threading.Thread(target=resize, daemon=True).start()
 
     def forward_signal(self, signum, _frame) -> None:
-        """Signals sent to the container's host pid (us) go to the container."""
+        """Signals sent to the container's host pid (us) go to the container. One that
+        stops a process, sent while we boot, ends the start-up instead: raised in the
+        main thread wherever the boot is, it unwinds through the boot's clean-ups (the
+        VM is stopped, the spawner is told and removes the state)."""
+        if self.booting and signum in STOPPING_SIGNALS:
+            self.booting = False
+            self.stop_signal = signum
+            raise self.stopped()
+
         def kill():
             try:
                 self.sandbox.kill(self.cid, signum)

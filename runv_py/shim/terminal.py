@@ -16,15 +16,17 @@ def host_pty(console_socket: str, controlling: bool = False) -> int:
     import termios
     import tty
     master, slave = os.openpty()
-    tty.setraw(slave)
-    if controlling:
-        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
     try:
+        tty.setraw(slave)
+        if controlling:
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
         with connect_unix(console_socket) as sock:
             socket.send_fds(sock, [b"/dev/ptmx"], [master])
-    except OSError as e:
-        os.close(slave)
-        raise Unavailable(f"cannot send the console to {console_socket}: {e}") from None
+    except BaseException as e:
+        os.close(slave)  # whatever failed: neither end outlives the set-up
+        if isinstance(e, OSError):
+            raise Unavailable(f"cannot set up the console for {console_socket}: {e}") from None
+        raise
     finally:
         os.close(master)
     return slave

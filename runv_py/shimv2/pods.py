@@ -88,18 +88,25 @@ class Pod:
         self.left_cgroups = []        # where this daemon was before joining it
         self.needs = {}               # container id -> (cpus, MiB) of its limits
         self.lock = threading.Lock()
+        self.ending = threading.Lock()  # end() runs once at a time, to its end
 
     def create(self, cid: str, bundle, io, host_pid_of) -> "Container":
-        """Create ``cid`` in the pod's VM (booting it for the sandbox container)."""
-        joins = sandbox_of(bundle.annotations)
-        if self.sandbox is None:
-            if joins:
-                raise FailedPrecondition(f"sandbox {joins} of container {cid} is not running")
-            self.sandbox = self.boot(cid, bundle)
-        elif joins != self.sandbox.id:
-            raise FailedPrecondition(f"container {cid} is not in pod {self.sandbox.id}")
-        self.needs[cid] = asked(bundle.resources)
-        self.grow()
+        """Create ``cid`` in the pod's VM (booting it for the sandbox container); ``io``
+        is the pod's from now on, also when this fails."""
+        from ..sandbox import close_io
+        try:
+            joins = sandbox_of(bundle.annotations)
+            if self.sandbox is None:
+                if joins:
+                    raise FailedPrecondition(f"sandbox {joins} of container {cid} is not running")
+                self.sandbox = self.boot(cid, bundle)
+            elif joins != self.sandbox.id:
+                raise FailedPrecondition(f"container {cid} is not in pod {self.sandbox.id}")
+            self.needs[cid] = asked(bundle.resources)
+            self.grow()
+        except BaseException:
+            close_io(io)
+            raise
         shared = {kind: self.sandbox.id for kind in shared_namespaces(bundle.spec)} if joins else {}
         return self.sandbox.create_container(cid, bundle, io, host_pid=host_pid_of(self.sandbox),
                                              shared=shared)
@@ -143,12 +150,15 @@ class Pod:
 
     def end(self) -> None:
         """Stop the VM; leave the host cgroup (back where this daemon was) and remove it.
-        Safe to call twice, and from two threads (the sandbox's exit, a Delete)."""
-        with self.lock:
-            sandbox, cgroup, self.cgroup = self.sandbox, self.cgroup, None
-        if sandbox is not None:
-            sandbox.destroy()
-        if cgroup is not None:
-            from ..host.cgroups import HostCgroup
-            HostCgroup.rejoin(self.left_cgroups)
-            cgroup.remove()
+        Safe to call twice, and from two threads (the sandbox's exit, a Delete, the
+        Shutdown): a second call returns once the first is done, so the daemon never
+        exits (after Shutdown's call) with the cgroup still to remove."""
+        with self.ending:
+            with self.lock:
+                sandbox, cgroup, self.cgroup = self.sandbox, self.cgroup, None
+            if sandbox is not None:
+                sandbox.destroy()
+            if cgroup is not None:
+                from ..host.cgroups import HostCgroup
+                HostCgroup.rejoin(self.left_cgroups)
+                cgroup.remove()

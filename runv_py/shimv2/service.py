@@ -187,8 +187,6 @@ class TaskService:
         if req.exec_id:
             return pb.StartResponse(pid=self.start_exec(task))
         self.sandbox.start_container(req.id)
-        if not task.done.is_set():
-            task.state.to(states.RUNNING, "start")
         self.events.publish("/tasks/start", pb.TaskStart(container_id=req.id, pid=task.pid))
         return pb.StartResponse(pid=task.pid)
 
@@ -201,10 +199,7 @@ class TaskService:
 
     def state(self, req) -> pb.StateResponse:
         task = self.task(req.id, req.exec_id)
-        status = task.state.status
-        if not req.exec_id and not task.done.is_set():
-            status = self.sandbox.container(req.id).state.status
-            status = states.RUNNING if status == states.STOPPED else status  # being reaped
+        status = task.status
         response = pb.StateResponse(
             id=req.exec_id or req.id, bundle=task.bundle, pid=task.pid, status=STATUS[status],
             stdin=task.stdin, stdout=task.stdout, stderr=task.stderr, terminal=task.terminal,
@@ -234,7 +229,7 @@ class TaskService:
             task.finished(0)  # never started: release its waiters
             del self.execs[(req.id, req.exec_id)]
         else:
-            if not task.done.is_set() and task.state.is_(states.RUNNING, states.PAUSED):
+            if task.status in (states.RUNNING, states.PAUSED):
                 raise FailedPrecondition(f"container {req.id} is still running")
             self.pod.remove(req.id)  # a created one is killed; poststop runs
             task.finished(VM_DIED_STATUS)
@@ -284,7 +279,7 @@ class TaskService:
         return pb.Empty()
 
     def start_exec(self, task: Task) -> int:
-        task.state.require("start", states.CREATED)
+        task.require_created("start")
         try:
             io = stdio.process_io(task.stdin, task.stdout, task.stderr, task.terminal, task.relays)
             task.process = self.sandbox.exec(task.cid, task.exec_id,
@@ -293,7 +288,6 @@ class TaskService:
             task.finished(255)  # containerd's client already waits on it
             raise
         task.pid = task.process.pid
-        task.state.to(states.RUNNING, "start")
         self.events.publish("/tasks/exec-started", pb.TaskExecStarted(
             container_id=task.cid, exec_id=task.exec_id, pid=task.pid))
         return task.pid

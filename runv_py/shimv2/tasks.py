@@ -1,7 +1,10 @@
 """containerd's tasks as the shim v2 keeps them: a container's init, or one of its execs.
 
 containerd creates an exec in one call and starts it in another, and Waits on it in
-between: a Task exists (status created) before its process does in the sandbox."""
+between: a Task exists (status created) before its process does in the sandbox. A
+task's status is the sandbox's (its container's for an init, its process's for an
+exec), not a copy; the task keeps only how it ended, which a task that never got a
+process (never started, or its start failed) has too."""
 import threading
 import time
 from typing import Optional
@@ -18,7 +21,6 @@ class Task:
         self.exec_id = exec_id
         self.stdin, self.stdout, self.stderr, self.terminal = stdin, stdout, stderr, terminal
         self.spec = spec or {}    # an exec's OCI process
-        self.state = states.StateMachine(f"process {exec_id or 'init'} of {cid}")
         self.process: Optional[Process] = None
         self.pid = 0
         self.exit_status = 0
@@ -30,6 +32,20 @@ class Task:
     def id(self) -> str:
         return self.exec_id or self.cid
 
+    @property
+    def status(self) -> states.Status:
+        if self.done.is_set():
+            return states.STOPPED
+        if self.process is None:
+            return states.CREATED
+        status = (self.process.state if self.exec_id else self.process.container.state).status
+        return states.RUNNING if status == states.STOPPED else status  # being reaped
+
+    def require_created(self, action: str) -> None:
+        if self.status != states.CREATED:
+            raise states.StateError(f"process {self.id} of {self.cid}", action, self.status,
+                                    (states.CREATED,))
+
     def finished(self, status: int, at: float = 0.0) -> bool:
         """Record the end (once); False if it had ended already."""
         if self.done.is_set():
@@ -38,6 +54,5 @@ class Task:
             relay.stop()
         self.exit_status = status
         self.exited_at = at or time.time()
-        self.state.stop()
         self.done.set()
         return True

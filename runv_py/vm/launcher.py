@@ -7,6 +7,10 @@ parent: such launches go to one thread that lives as long as the process.
 import queue
 import threading
 
+# A launch is a Popen and its checks (QEMU's sockets, the agent's channels); launches
+# queue behind each other, so this leaves room for a few.
+LAUNCH_TIMEOUT = 120.0
+
 
 class Launcher:
     """One thread, alive as long as the process, that spawns every QEMU a background
@@ -29,18 +33,32 @@ class Launcher:
 
     def _serve(self) -> None:
         while True:
-            fn, args, kwargs, result, done = self.requests.get()
+            fn, args, kwargs, request = self.requests.get()
             try:
-                result.append((True, fn(*args, **kwargs)))
+                outcome = (True, fn(*args, **kwargs))
             except BaseException as e:  # handed back to the caller
-                result.append((False, e))
-            done.set()
+                outcome = (False, e)
+            with request["lock"]:
+                request["result"] = outcome
+                abandoned = request["abandoned"]
+                request["done"].set()
+            if abandoned and outcome[0] and hasattr(outcome[1], "stop"):
+                outcome[1].stop()  # the caller gave up on it: nobody else would stop it
 
     def call(self, fn, *args, **kwargs):
-        result, done = [], threading.Event()
-        self.requests.put((fn, args, kwargs, result, done))
-        done.wait()  # the launch itself is bounded: Popen, or an error
-        ok, value = result[0]
+        """``fn(*args, **kwargs)`` on the launcher thread; Unavailable if it has not
+        returned within LAUNCH_TIMEOUT (a VM it returns later is stopped)."""
+        from ..hyperstart.errors import Unavailable
+        timeout = LAUNCH_TIMEOUT
+        request = {"lock": threading.Lock(), "done": threading.Event(), "result": None,
+                   "abandoned": False}
+        self.requests.put((fn, args, kwargs, request))
+        request["done"].wait(timeout)
+        with request["lock"]:
+            if request["result"] is None:
+                request["abandoned"] = True
+                raise Unavailable(f"the VM launcher did not return within {timeout:g} s")
+            ok, value = request["result"]
         if not ok:
             raise value
         return value

@@ -13,7 +13,6 @@ memory file, so they go on working, and the kernel frees it when the last one st
 """
 import base64
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import time
 
 from .. import paths
 from ..drivers import DriverError
+from ..host import flock
 from ..hyperstart import messages as m
 from ..drivers import jail
 from ..hyperstart.errors import RunvError
@@ -34,6 +34,8 @@ DEFAULT_TEMPLATE_DIR = paths.TEMPLATE_DIR
 META_FILE = "template.json"
 STATE_FILE = "state"
 SHM_DIR = "/dev/shm/runv-py"   # mode 0700: only root lists it; memory files are 0600
+# A template is made by booting its VM and saving its state: longer than either waits.
+LOCK_TIMEOUT = BOOT_TIMEOUT + 240
 # Bumped when the VM's devices change: a clone must have its template's devices.
 FORMAT = 3
 
@@ -91,8 +93,8 @@ class _DirLock:
         self.path = os.path.join(parent, f".{os.path.basename(template_dir)}.lock")
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.fd = flock.lock(self.path, LOCK_TIMEOUT, "another process is making or removing "
+                             "this template for too long")
         return self
 
     def __exit__(self, *exc):
