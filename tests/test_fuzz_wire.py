@@ -131,10 +131,15 @@ def test_the_host_client_survives_any_guest(control, frames, stream):
         outcome = []
         caller = threading.Thread(target=call_into, args=(client, outcome))
         caller.start()
+        guest_ctl.settimeout(10)
+        guest_stream.settimeout(10)
         guest_ctl.recv(65536)  # the call went out: the next ACK or ERROR is its answer
-        guest_ctl.sendall(b"".join(p.CONTROL_HEADER.pack(code, 8 + len(payload)) + payload
-                                   for code, payload in frames) + control)
-        guest_stream.sendall(stream)
+        try:
+            guest_ctl.sendall(b"".join(p.CONTROL_HEADER.pack(code, 8 + len(payload)) + payload
+                                       for code, payload in frames) + control)
+            guest_stream.sendall(stream)
+        except OSError:
+            pass  # the host ended the channel on garbage and reads no more: allowed
         guest_ctl.close()
         guest_stream.close()  # the VM went away
         caller.join(10)

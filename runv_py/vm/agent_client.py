@@ -87,7 +87,7 @@ class AgentClient:
                 for code, payload in reader.feed(data):
                     self._on_control(code, payload)
         except (OSError, RunvError, p.ProtocolError):
-            pass
+            self._shutdown()  # the channel is dead: a writer on the other end must not block
         self._close()
 
     def _on_control(self, code: int, payload: bytes) -> None:
@@ -123,13 +123,17 @@ class AgentClient:
         with self.cond:
             self.cond.notify_all()
 
-    def close(self) -> None:
-        self._close()
+    def _shutdown(self) -> None:
         for sock in (self.control, self.stream):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def close(self) -> None:
+        self._close()
+        self._shutdown()
+        for sock in (self.control, self.stream):
             sock.close()
 
     # ---- streams --------------------------------------------------------------------
@@ -183,7 +187,7 @@ class AgentClient:
                             self.eofs.add(seq)
                             self.cond.notify_all()
         except (OSError, p.ProtocolError):
-            pass
+            self._shutdown()
         with self.cond:
             self.cond.notify_all()
         self._close()
