@@ -20,9 +20,9 @@ import time
 import uuid
 
 from common import RUNV, bundle, median, timed
-from pss import tree_kb
 
-from runv_py.compare.measure import derived_bundle, parse_marks, work_script, workload_figures
+from runv_py.compare.measure import (derived_bundle, descendants, parse_marks, pss_kb,
+                                     work_script, workload_figures)
 
 MODES = (("jailed", "on"), ("jail off", "off"))
 MEASURES = [("seq_write_mbps", "9p sequential write", "MB/s"),
@@ -47,15 +47,11 @@ def idle_pss(root: str, idle: str, jail: str) -> float:
         time.sleep(3)  # settle into idle
         shim = json.loads(subprocess.run(base + ["state", cid], capture_output=True,
                                          timeout=60, check=True).stdout)["pid"]
-        return sum(tree_kb(child) for child in children(shim))  # all below the shim
+        return sum(pss_kb(pid) for pid in descendants(shim))  # all below the shim
     finally:
         subprocess.run(base + ["delete", "-f", cid], env=env(jail), timeout=120,
                        capture_output=True)
 
-
-def children(pid: int) -> list:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
 
 
 def main() -> None:

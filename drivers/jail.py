@@ -40,7 +40,6 @@ JAIL_ROOT = "jail"             # the chroot's mount point, in the VM's directory
 INSIDE_KERNEL = "/boot/kernel"
 INSIDE_INITRD = "/boot/initrd"
 INSIDE_MEMORY = "/mem/ram"
-DEVICES = ("null", "zero", "urandom")
 # QEMU needs few fds: its sockets, the taps, the RAM and boot files.
 QEMU_RLIMITS = ("--nofile=1024", "--core=0")
 QEMU_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -78,6 +77,12 @@ exec unshare --root="$root" --wd=/vm -- /usr/bin/setpriv --reuid="$uid" --regid=
 
 class JailError(OSError):
     """The jail could not be set up."""
+
+
+def tied_to_launcher(argv: list, tied: bool = True) -> list:
+    """``argv`` run so that it dies with the thread that launches it (``tied``): a VM
+    and its share's server must not outlive it (see vm/launcher.py)."""
+    return ["setpriv", "--pdeathsig", "KILL", "--", *argv] if tied else list(argv)
 
 
 def enabled() -> bool:
@@ -128,24 +133,22 @@ class QemuJail:
         binds = []
         for inside, host in sorted(self.files.items()):
             binds += [inside, host, "rw" if inside == INSIDE_MEMORY else "ro"]
-        prefix = ["setpriv", "--pdeathsig", "KILL", "--"] if self.die_with_parent else []
-        if self.netns:
-            prefix += ["nsenter", f"--net={self.netns}", "--"]
-        return [*prefix, "prlimit", *QEMU_RLIMITS, "--",
-                "unshare", "--mount", "--propagation", "private", "--pid", "--fork",
-                "--kill-child", "--ipc", "--uts", *([] if self.netns else ["--net"]), "--",
-                "/bin/sh", "-c", _SCRIPT, "runv-py-jail", root, os.path.abspath(self.workdir),
-                str(uid), str(gid), *binds, "--", *qemu_argv]
+        prefix = ["nsenter", f"--net={self.netns}", "--"] if self.netns else []
+        return tied_to_launcher([
+            *prefix, "prlimit", *QEMU_RLIMITS, "--",
+            "unshare", "--mount", "--propagation", "private", "--pid", "--fork",
+            "--kill-child", "--ipc", "--uts", *([] if self.netns else ["--net"]), "--",
+            "/bin/sh", "-c", _SCRIPT, "runv-py-jail", root, os.path.abspath(self.workdir),
+            str(uid), str(gid), *binds, "--", *qemu_argv], self.die_with_parent)
 
 
 def share_server_argv(argv: list, die_with_parent: bool) -> list:
     """The command that runs a share server (root, its capabilities only, no_new_privs,
     fresh ipc, uts and network namespaces; it chroots into the share itself)."""
-    prefix = ["setpriv", "--pdeathsig", "KILL", "--"] if die_with_parent else []
     bounding = ",".join(f"+{c}" for c in SHARE_SERVER_CAPS)
-    return [*prefix, "unshare", "--ipc", "--uts", "--net", "--",
-            "setpriv", "--nnp", "--inh-caps=-all", f"--bounding-set=-all,{bounding}", "--",
-            *argv]
+    return tied_to_launcher(["unshare", "--ipc", "--uts", "--net", "--",
+                             "setpriv", "--nnp", "--inh-caps=-all",
+                             f"--bounding-set=-all,{bounding}", "--", *argv], die_with_parent)
 
 
 class JailedProcess(Signalled):

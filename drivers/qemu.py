@@ -205,8 +205,7 @@ class QemuDriver:
         else:
             cmd = self.command(config, name, share_dir, memory_file, shared_memory, incoming,
                                nics)
-            # QEMU must not outlive the thread that launched it (see vm/launcher.py).
-            argv = cmd if detached else ["setpriv", "--pdeathsig", "KILL", "--", *cmd]
+            argv = jail.tied_to_launcher(cmd, not detached)
         log.debug("launching %s", " ".join(cmd))
         with open(os.path.join(workdir, QEMU_LOG), "wb") as qlog:
             try:

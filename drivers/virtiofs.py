@@ -61,10 +61,8 @@ def start(share_dir: str, workdir: str, detached: bool = False,
             os.chown(os.path.join(workdir, SOCKET), uid, gid)
         argv = [VIRTIOFSD, f"--fd={listener.fileno()}", "-o", f"source={share_dir}",
                 "-o", "sandbox=chroot", "-o", "cache=auto", "-o", "log_level=warn"]
-        if jailed:
-            argv = jail.share_server_argv(argv, die_with_parent=not detached)
-        elif not detached:
-            argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+        argv = jail.share_server_argv(argv, die_with_parent=not detached) if jailed \
+            else jail.tied_to_launcher(argv, not detached)
         with open(os.path.join(workdir, LOG), "wb") as log:
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True, pass_fds=(listener.fileno(),))
