@@ -145,6 +145,26 @@ def test_a_second_vm_on_one_namespace_is_refused_and_the_first_keeps_it(runv, bu
     runv("delete", "-f", first, check=True)
 
 
+def test_a_killed_sandbox_s_redirections_go_even_while_its_tap_lives(netns):
+    """A QEMU that has not quite ended after its shim was killed still holds its tap:
+    delete removes the redirections to the taps the record names, and no others."""
+    from runv_py.net import release
+    from runv_py.net.pod import PodNetwork
+    network = PodNetwork(netns["path"])
+    nics = network.attach()         # our fds stand for a QEMU still holding the taps
+    try:
+        tap = network.attached[0].tap
+        release(netns["path"])      # a live tap the record does not name: another VM's
+        assert "ingress" in sh("ip", "netns", "exec", netns["pod"], "tc", "qdisc", "show",
+                               "dev", "eth0")
+        release(netns["path"], [tap])
+        assert "ingress" not in sh("ip", "netns", "exec", netns["pod"], "tc", "qdisc", "show")
+        assert tap not in sh("ip", "-n", netns["pod"], "link", "show")
+    finally:
+        for nic in nics:
+            os.close(nic.fd)
+
+
 def test_host_networking_is_refused_and_changes_nothing(runv, bundle):
     b = bundle(["true"])
     config = os.path.join(b, "config.json")

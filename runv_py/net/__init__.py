@@ -22,10 +22,10 @@ def network_for(spec: dict) -> Optional["PodNetwork"]:
     return PodNetwork(path)
 
 
-def release(netns: str) -> None:
+def release(netns: str, taps: list = ()) -> None:
     """What a killed sandbox left in its pod's namespace: see pod.release."""
     from .pod import release as release_pod
-    release_pod(netns)
+    release_pod(netns, taps)
 
 
 def network_namespace(spec: dict) -> Optional[dict]:

@@ -172,10 +172,12 @@ class PodNetwork:
                 iface.fd = -1
 
 
-def release(netns: str) -> None:
+def release(netns: str, taps: list = ()) -> None:
     """Remove the redirections a sandbox that is gone left in ``netns`` (its shim was
-    killed before detach ran): the ingress qdiscs whose filter redirects to a device that
-    no longer exists (``*``: the tap closed with QEMU)."""
+    killed before detach ran): the ingress qdiscs whose filter redirects to one of its
+    ``taps`` or to a device that no longer exists (``*``: a tap closed with its QEMU),
+    then those taps if they are still there (a QEMU that has not quite ended holds
+    them). A redirection to any other live tap is another VM's and stays."""
     if not os.path.exists(netns):
         return  # removed with the pod (CNI DEL): nothing is left
     try:
@@ -183,6 +185,7 @@ def release(netns: str) -> None:
     except Exception as e:
         log.info("listing %s: %s", netns, e)
         return
+    ours = {"*", *taps}
     for link in links:
         name = link.get("ifname", "")
         if name.startswith(TAP_PREFIX) or name == "lo":
@@ -191,13 +194,21 @@ def release(netns: str) -> None:
             filters = run(netns, "tc", "filter", "show", "dev", name, "ingress", json_out=True)
         except Exception:
             continue  # no ingress qdisc
-        targets = [a.get("to_dev", "") for f in filters
-                   for a in (f.get("options") or {}).get("actions", []) if a.get("kind") == "mirred"]
-        if "*" in targets:  # a live tap is a live VM's (maybe another container's)
-            try:
-                run(netns, "tc", "qdisc", "del", "dev", name, "ingress")
-            except Exception as e:
-                log.info("removing the redirection from %s: %s", name, e)
+        targets = {a.get("to_dev", "") for f in filters
+                   for a in (f.get("options") or {}).get("actions", []) if a.get("kind") == "mirred"}
+        if targets & ours:
+            _quietly(netns, "tc", "qdisc", "del", "dev", name, "ingress")
+    present = {link.get("ifname", "") for link in links}
+    for tap in taps:
+        if tap in present:
+            _quietly(netns, "ip", "link", "del", "dev", tap)
+
+
+def _quietly(netns: str, *argv: str) -> None:
+    try:
+        run(netns, *argv)
+    except Exception as e:  # gone meanwhile, or the namespace with it
+        log.info("%s in %s: %s", " ".join(argv), netns, e)
 
 
 def open_tap(name: str) -> int:

@@ -169,7 +169,7 @@ def remove_state(record: Record) -> None:
     kill_shim(record)
     if record.netns:
         from ..net import release
-        release(record.netns)
+        release(record.netns, record.taps)
     if record.host_cgroups:
         from ..host.cgroups import HostCgroup
         HostCgroup(record.host_cgroups).remove()

@@ -106,6 +106,8 @@ class ShimServer:
         self.sandbox = Sandbox.boot(self.cid, factory, config, self.path,
                                     hostname=self.bundle.hostname, network=network)
         self.record.qemu_pid = self.sandbox.vm.pid
+        if self.record.netns:
+            self.update(taps=[i.tap for i in getattr(network, "attached", [])])
         if self.host_cgroup is not None:
             self.host_cgroup.pin(self.sandbox.vm)
         self.sandbox.listeners.append(self.on_exit)
