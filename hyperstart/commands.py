@@ -17,7 +17,8 @@ from . import states
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .model import Container, Process
 from .rootfs import secure_join
-from .spawn import Spawner, set_winsize
+from . import network
+from .spawn import Spawner, make_stdio, set_winsize
 
 
 class Commands:
@@ -38,7 +39,7 @@ class Commands:
             p.PROCESSLIST: self.process_list, p.RESEED: self.reseed,
             p.STREAMCLOSED: self.stream_closed,
             p.SETUPINTERFACE: self.setup_interface, p.SETUPROUTE: self.setup_route,
-            p.ONLINECPUMEM: self.online_cpu_mem,
+            p.ONLINECPUMEM: self.online_cpu_mem, p.FORWARDPORT: self.forward_port,
         }
 
     def container(self, cid: str) -> Container:
@@ -157,8 +158,27 @@ class Commands:
         self.agent.track(proc)
         return m.PidReply(pid=proc.pid)
 
+    def forward_port(self, msg: m.ForwardPort) -> m.PidReply:
+        """kubectl port-forward: busybox's nc, as nobody in the agent's namespaces (the
+        pod's network), joins stream ``msg.stdio`` to the guest's 127.0.0.1:port."""
+        container = self.container(msg.container)
+        container.state.require("forward a port of", states.RUNNING)
+        if not 0 < msg.port < 65536:
+            raise InvalidArgument(f"no such port: {msg.port}")
+        if not msg.id or not msg.stdio or msg.id in container.processes:
+            raise InvalidArgument("a forwarded connection needs a new id and a stream")
+        proc = Process(container, m.ProcessSpec(id=msg.id, args=[], stdio=msg.stdio))
+        proc.forwarder = True
+        proc.pid = network.forward(make_stdio(proc), msg.port)
+        container.processes[msg.id] = proc
+        proc.state.to(states.RUNNING, "start")
+        self.agent.track(proc)
+        return m.PidReply(pid=proc.pid)
+
     def on_exit(self, proc: Process) -> None:
         """A process was reaped; its container stops with its init."""
+        if proc.forwarder:  # one per connection: forgotten, or a long pod would hoard them
+            proc.container.processes.pop(proc.id, None)
         if proc is proc.container.init:
             proc.container.state.stop()
 

@@ -108,6 +108,7 @@ def copy_into(stage: str, path: str) -> None:
 
 def build(output: str) -> None:
     stage = tempfile.mkdtemp(prefix="runv-initrd-")
+    os.chmod(stage, 0o755)  # the guest's /: mkdtemp's 0700 would keep nobody out (ports.py)
     try:
         for d in ("proc", "sys", "dev", "run", "tmp", "bin", "lib/runv/hyperstart", "etc"):
             os.makedirs(os.path.join(stage, d), exist_ok=True)

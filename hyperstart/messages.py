@@ -275,6 +275,17 @@ class StreamClosed:
     seq: int
 
 
+@message(code=p.FORWARDPORT, reply=PidReply)
+class ForwardPort:
+    """A TCP connection to ``port`` on the guest's loopback (the pod's: its containers
+    share the guest's network), its bytes both ways on stream ``stdio``. It ends as a
+    process ``id`` of ``container`` (a ProcessExited) when the guest side closes."""
+    container: str
+    id: str
+    port: int
+    stdio: int
+
+
 @message(code=p.SETUPINTERFACE)
 class SetupInterface:
     """Configure the guest NIC with MAC ``device`` (hyperstart names it by its guest name;

@@ -26,6 +26,7 @@ class Process:
         self.eof_position = 0     # stream bytes that must be sent before the exit event
         self.start_gate = -1      # write end that releases a created-but-not-started init
         self.pty_channel = None   # socket on which the process sends its pty master
+        self.forwarder = False    # a forwarded port's connection (FORWARDPORT), not a process
 
     @property
     def exited(self) -> bool:

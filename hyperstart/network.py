@@ -13,6 +13,7 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 BUSYBOX = "/bin/busybox"
+NOBODY = 65534
 
 
 def loopback_up() -> None:
@@ -40,6 +41,29 @@ def ip(*args: str) -> None:
     _, status = os.waitpid(pid, 0)
     if status != 0:
         raise Internal(f"ip {' '.join(args)}: {said.decode(errors='replace').strip()}")
+
+
+def forward(stdio: tuple, port: int) -> int:
+    """Start busybox's nc to 127.0.0.1:``port`` with ``stdio`` (the child's ends, closed
+    here), as nobody with no capabilities; its pid. nc half-closes the connection at the
+    end of its stdin and exits at the end of the connection."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(stdio[0], 0)
+            os.dup2(stdio[1], 1)
+            os.dup2(os.open("/dev/null", os.O_WRONLY), 2)  # not into the connection
+            os.setsid()
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)  # drops every capability too
+            os.closerange(3, 65536)
+            os.execv(BUSYBOX, ["nc", "127.0.0.1", str(port)])
+        finally:
+            os._exit(127)
+    for fd in set(stdio):
+        os.close(fd)
+    return pid
 
 
 def device_by_mac(mac: str) -> str:

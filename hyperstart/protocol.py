@@ -45,6 +45,7 @@ PROCESSLIST = 64
 RESEED = 65
 STARTCONTAINER = 66
 STREAMCLOSED = 67
+FORWARDPORT = 68
 
 CODE_NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int) and k != "VERSION"}
 

@@ -4,6 +4,7 @@ config.json; and podman's default network (CNI). Traffic goes only between the p
 the test's own namespaces and containers."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -103,6 +104,33 @@ def test_the_test_host_reaches_a_server_in_the_container(runv, bundle, netns):
     assert "ingress" not in sh("ip", "netns", "exec", netns["pod"], "tc", "qdisc", "show")
 
 
+def test_localhost_in_the_pod_namespace_reaches_the_container_s_loopback(runv, bundle, netns):
+    """As containerd's CRI port-forward dials (localhost:PORT inside the pod's network
+    namespace on the host): a server listening only on the container's loopback answers;
+    a port nothing listens on closes the connection; no rule is left after delete."""
+    cid = runv.id()
+    b = in_netns(bundle(["sh", "-c", "mkdir -p /tmp/www; echo on-loopback >"
+                                     " /tmp/www/index.html; exec httpd -f -p 127.0.0.1:8081"
+                                     " -h /tmp/www"]), netns["path"])
+    runv.detached("run", "-d", "-b", b, cid)
+
+    def get(port: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", netns["pod"], sys.executable, "-c",
+                               "import urllib.request as u; print(u.urlopen("
+                               f"'http://localhost:{port}/', timeout=10).read().decode())"],
+                              capture_output=True, text=True, timeout=30)
+    deadline = time.monotonic() + 30
+    got = get(8081)
+    while "on-loopback" not in got.stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+        got = get(8081)
+    assert "on-loopback" in got.stdout, got.stderr
+    assert get(8082).returncode != 0
+    runv("delete", "-f", cid, check=True)
+    assert "port-forward" not in sh("ip", "netns", "exec", netns["pod"], "iptables", "-t",
+                                    "nat", "-S")
+
+
 def test_a_network_made_between_create_and_start_reaches_the_guest(runv, bundle, netns,
                                                                      tmp_path):
     """runc's contract, which docker's libnetwork hook, buildah and other CNI users rely
@@ -163,6 +191,24 @@ def test_a_killed_sandbox_s_redirections_go_even_while_its_tap_lives(netns):
     finally:
         for nic in nics:
             os.close(nic.fd)
+
+
+def test_a_killed_sandbox_s_port_forward_rule_goes_and_a_live_one_stays(netns):
+    from runv_py.net import portforward
+    forwarder = portforward.LoopbackForwarder(netns["path"], lambda port, conn: conn.close())
+    forwarder.start()
+
+    def rules() -> str:
+        return sh("ip", "netns", "exec", netns["pod"], "iptables", "-t", "nat", "-S", "OUTPUT")
+    try:
+        assert f"--to-ports {forwarder.port}" in rules()
+        portforward.release(netns["path"])      # its listener lives: another sandbox's
+        assert f"--to-ports {forwarder.port}" in rules()
+    finally:  # the listener goes, the rule stays: as if its shim were killed
+        forwarder.listener.shutdown(socket.SHUT_RDWR)  # (close() leaves accept() holding it)
+        forwarder.listener.close()
+    portforward.release(netns["path"])
+    assert "port-forward" not in rules()
 
 
 def test_host_networking_is_refused_and_changes_nothing(runv, bundle):

@@ -23,9 +23,12 @@ def network_for(spec: dict) -> Optional["PodNetwork"]:
 
 
 def release(netns: str, taps: list = ()) -> None:
-    """What a killed sandbox left in its pod's namespace: see pod.release."""
+    """What a killed sandbox left in its pod's namespace: its redirections (pod.release)
+    and its port-forward rule (portforward.release)."""
+    from . import portforward
     from .pod import release as release_pod
     release_pod(netns, taps)
+    portforward.release(netns)
 
 
 def network_namespace(spec: dict) -> Optional[dict]:

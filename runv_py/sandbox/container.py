@@ -45,6 +45,7 @@ class Process:
         self.state = states.StateMachine(f"process {spec.id} of {container.id}")
         self.exit: Optional[Exit] = None
         self.done = threading.Event()
+        self.on_end: Optional[Callable[[], None]] = None   # a forwarded port's (ports.py)
 
     @property
     def seqs(self) -> tuple:

@@ -26,10 +26,9 @@ from ..oci.resources import cgroup_limits
 from ..oci.state import oci_state, rfc3339
 from ..vm.boot import BootedVM
 from ..vm.stdio import fd_sink, pump_stdin
-from . import share
+from . import ports, share
 from .container import VM_DIED_STATUS, Container, Exit, Listener, Process, ProcessIO
-from .stats import FILES as STAT_FILES
-from .stats import ContainerStats
+from .stats import ContainerStats, read_stats
 from .stdio import close_io, discard_sink, drop_io
 
 log = logging.getLogger("runv_py.sandbox")
@@ -53,6 +52,7 @@ class Sandbox:
         self.listeners: List[Listener] = []   # told of each process exit, in order
         self.paused = False
         self.destroyed = False
+        self.forwarder = None     # of ports to the guest's loopback (ports.py)
         self.cpus = booted.config.cpus               # online in the guest now
         self.memory_mib = booted.config.memory_mib
         self._exits: "queue.Queue" = queue.Queue()
@@ -80,6 +80,7 @@ class Sandbox:
             if network is not None and sandbox.vm.network_in_guest:
                 for msg in network.guest_setup():
                     sandbox.agent.call(msg)
+            sandbox.forwarder = ports.serve(sandbox)
         except BaseException:
             sandbox.destroy()
             raise
@@ -225,14 +226,7 @@ class Sandbox:
     def stats(self, cid: str) -> ContainerStats:
         container = self.container(cid)
         container.state.require("read the stats of", states.CREATED, states.RUNNING)
-        files = {}
-        for name in STAT_FILES:
-            try:
-                data = self.agent.call(m.ReadFile(container=cid, file=name, cgroup=True)).data
-                files[name] = _b64decode(data)
-            except NotFound:
-                files[name] = ""
-        return ContainerStats.from_files(files)
+        return read_stats(self.agent, cid)
 
     def update(self, cid: str, resources: dict) -> None:
         """New OCI resources, written into the container's cgroup in the guest."""
@@ -290,6 +284,8 @@ class Sandbox:
             if self.destroyed:
                 return
             self.destroyed = True
+        if self.forwarder is not None:
+            self.forwarder.stop()
         self.booted.stop()
         if self.network is not None:
             self.network.detach()
@@ -367,8 +363,12 @@ class Sandbox:
         with self.lock:
             if not proc.finish(exit):
                 return
-            if proc is container.init and not container.state.is_(states.STOPPED):
+            if proc.on_end is not None:  # a forwarded connection: nobody else's business
+                container.processes.pop(proc.id, None)
+            elif proc is container.init and not container.state.is_(states.STOPPED):
                 container.state.stop()
+        if proc.on_end is not None:
+            return proc.on_end()
         for listener in list(self.listeners):
             try:
                 listener(container, proc)
@@ -390,7 +390,3 @@ class Sandbox:
         for proc in sorted(procs, key=lambda p: p is p.container.init):
             self._finish(proc, Exit(status, now))
 
-
-def _b64decode(data: str) -> str:
-    import base64
-    return base64.b64decode(data).decode(errors="replace")

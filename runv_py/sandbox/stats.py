@@ -45,3 +45,18 @@ def number(text: str) -> Optional[int]:
     """A single-value file (memory.current, pids.max); "max" (or nothing) reads as None."""
     text = (text or "").strip()
     return int(text) if text.isdigit() else None
+
+
+def read_stats(agent, cid: str) -> ContainerStats:
+    """Container ``cid``'s figures, its cgroup files read through ``agent``."""
+    import base64
+    from ..hyperstart import messages as m
+    from ..hyperstart.errors import NotFound
+    files = {}
+    for name in FILES:
+        try:
+            data = agent.call(m.ReadFile(container=cid, file=name, cgroup=True)).data
+            files[name] = base64.b64decode(data).decode(errors="replace")
+        except NotFound:
+            files[name] = ""
+    return ContainerStats.from_files(files)
