@@ -161,18 +161,6 @@ def test_a_network_made_between_create_and_start_reaches_the_guest(runv, bundle,
     runv("delete", cid, check=True)
 
 
-def test_a_second_vm_on_one_namespace_is_refused_and_the_first_keeps_it(runv, bundle, netns):
-    if runv.driver == "namespace":
-        pytest.skip("the namespace driver joins the namespace itself: no redirection")
-    first = runv.id()
-    runv.detached("run", "-d", "-b", in_netns(bundle(["sleep", "600"]), netns["path"]), first)
-    r = runv("run", "-b", in_netns(bundle(["true"]), netns["path"]), runv.id("b"))
-    assert r.returncode != 0 and b"already redirected" in r.stderr, r.stderr
-    r = runv("exec", first, "wget", "-qO-", f"http://{netns['net']}.1:8080/")
-    assert r.returncode == 0 and "hello from the test host" in out(r), r.stderr
-    runv("delete", "-f", first, check=True)
-
-
 def test_a_killed_sandbox_s_redirections_go_even_while_its_tap_lives(netns):
     """A QEMU that has not quite ended after its shim was killed still holds its tap:
     delete removes the redirections to the taps the record names, and no others."""

@@ -93,8 +93,8 @@ class PodNetwork:
             if "ingress" in qdiscs:
                 raise FailedPrecondition(
                     f"{iface.name} in network namespace {self.netns} is already redirected "
-                    "(another VM has this namespace: runv-py runs one VM per network "
-                    "namespace; pods go through the shim v2, one VM per pod)")
+                    "(a VM that is not one of this root's containers has it: a container "
+                    "joins the VM of a container of its root whose namespaces it names)")
 
     def _redirect(self, iface: Interface) -> None:
         """The tap up with the veth's MTU, and everything redirected both ways."""

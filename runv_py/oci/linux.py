@@ -42,3 +42,15 @@ def device_rule(r: dict) -> m.DeviceRule:
         raise BundleError(f"linux.resources.devices: bad access {access!r}")
     return m.DeviceRule(allow=bool(r.get("allow")), type=kind, major=r.get("major"),
                         minor=r.get("minor"), access=access)
+
+
+def shared_namespaces(spec: dict) -> dict:
+    """The namespaces a pod member joins in the guest: those its spec gives a path
+    (CRI and podman point them at the sandbox's or infra's pid); the network is the VM's
+    anyway. Values are True: the caller names whose they are."""
+    shared = {}
+    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+        kind = {"ipc": "ipc", "uts": "uts", "pid": "pid"}.get(ns.get("type"))
+        if kind and ns.get("path"):
+            shared[kind] = True
+    return shared

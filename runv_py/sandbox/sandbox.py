@@ -102,9 +102,11 @@ class Sandbox:
     # ---- containers -----------------------------------------------------------------
 
     def create_container(self, cid: str, bundle: Bundle, io: ProcessIO, host_pid: int = 0,
-                         console_size: Optional[tuple] = None, shared: dict = None) -> Container:
+                         console_size: Optional[tuple] = None, shared: dict = None,
+                         rootfs_tree: int = -1) -> Container:
         """Create ``cid`` from ``bundle`` with its init held until start_container; the
-        namespaces in ``shared`` (type -> container id) are that container's."""
+        namespaces in ``shared`` (type -> container id) are that container's. The rootfs
+        is ``rootfs_tree`` if given (a detached mount, maybe from another namespace)."""
         with self.lock:
             if cid in self.containers:
                 close_io(io)  # ours from the call on, as exec's
@@ -113,7 +115,8 @@ class Sandbox:
         init, pumping = None, False
         try:
             rootfs = os.path.join(cid, "rootfs")
-            share.bind(bundle.rootfs, os.path.join(self.share_dir, rootfs), self.mount_ns)
+            share.bind(bundle.rootfs, os.path.join(self.share_dir, rootfs), self.mount_ns,
+                       tree=rootfs_tree)
             container.mounts.append(os.path.join(self.share_dir, rootfs))
             mounts = share.guest_mounts(self.share_dir, cid, bundle.spec.get("mounts"),
                                         container.mounts, self.mount_ns, self.volumes,

@@ -39,11 +39,12 @@ def in_mount_namespace(pid: int, fn):
 
 
 def bind(source: str, target: str, ns_pid: int = 0, recursive: bool = True,
-         private: bool = False) -> None:
+         private: bool = False, tree: int = -1) -> None:
     """Bind ``source`` (a file or directory, with the mounts below it if ``recursive``)
     onto a new ``target`` in the share; with ``ns_pid``, in that process's mount
     namespace (a VM the node factory made, whose QEMU lives there): the mounts are cloned
-    here and attached there. A ``private`` bind no longer receives the host's mounts."""
+    here and attached there. A ``private`` bind no longer receives the host's mounts.
+    A ``tree`` (clone_tree of ``source``, by the caller's caller) is attached instead."""
     is_dir = os.path.isdir(source)
 
     def place(tree: int = -1):
@@ -59,6 +60,9 @@ def bind(source: str, target: str, ns_pid: int = 0, recursive: bool = True,
             syscalls.move_into(tree, target)
         if private:
             syscalls.mount(None, target, None, syscalls.MS_PRIVATE | syscalls.MS_REC)
+    if tree >= 0:
+        in_mount_namespace(ns_pid, lambda: place(tree))
+        return
     if not ns_pid:
         place()
         return

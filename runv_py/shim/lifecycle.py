@@ -143,7 +143,7 @@ def resume(root: str, cid: str) -> None:
 def kill_shim(record: Record, timeout: float = 5.0) -> None:
     """End the shim (and with it QEMU, through its parent-death signal)."""
     hostproc.kill_and_wait(record.shim_pid, record.shim_start, timeout)
-    if record.qemu_pid:
+    if record.qemu_pid and not record.sandbox:  # a pod member's QEMU is its infra's
         hostproc.wait_gone(record.qemu_pid, timeout)
 
 
@@ -165,7 +165,11 @@ def delete(root: str, cid: str, force: bool = False) -> None:
 
 def remove_state(record: Record) -> None:
     """Everything a container leaves on the host: its shim (and VM), the redirections
-    in its pod's network namespace, its host cgroup, its state directory."""
+    in its pod's network namespace, its host cgroup, its state directory; a pod member's
+    container leaves its pod's VM."""
+    if record.sandbox:
+        from .member import leave
+        leave(record)
     kill_shim(record)
     if record.netns:
         from ..net import release

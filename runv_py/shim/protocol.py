@@ -10,7 +10,9 @@ process has exited (``exit``).
 """
 import dataclasses
 import json
+import os
 import socket
+import time
 from typing import ClassVar, Dict, Optional, Type, get_args
 
 from ..hyperstart.errors import InvalidArgument, RunvError, code_of, from_code
@@ -107,6 +109,21 @@ class Shutdown(Request):
     """End the sandbox now (its containers stop as if the VM died)."""
 
 
+@request("join")
+class Join(Request):
+    """Create ``container`` in this sandbox's VM, a pod member (shim/member.py): its
+    spec is ``bundle``'s, its host pid ``pid``; four fds come along: its stdin, stdout
+    and stderr and its rootfs as a detached mount tree (the member's mount namespace
+    has mounts this one may lack)."""
+    bundle: str = ""
+    pid: int = 0
+
+
+@request("leave")
+class Leave(Request):
+    """Remove the pod member ``container`` from this sandbox's VM."""
+
+
 def encode(req: Request) -> bytes:
     return json.dumps(dict(dataclasses.asdict(req), op=req.OP)).encode() + b"\n"
 
@@ -159,8 +176,46 @@ def check(reply: dict) -> dict:
     return reply
 
 
+def recv_request(conn: socket.socket, max_size: int, timeout: float):
+    """One request and the fds sent with it (at most 4), read within ``timeout`` (which
+    then bounds the answers' sends too); InvalidArgument for a late, oversized or
+    malformed one, whose fds are closed."""
+    conn.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    fds = []
+    try:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(conn, max_size + 1, 4)
+            while data and not data.endswith(b"\n") and len(data) <= max_size:
+                conn.settimeout(max(deadline - time.monotonic(), 0.001))
+                more = conn.recv(max_size + 1 - len(data))
+                if not more:
+                    break
+                data += more
+        except TimeoutError:
+            raise InvalidArgument(f"no complete request within {timeout:.0f}s") from None
+        conn.settimeout(timeout)
+        if len(data) > max_size:
+            raise InvalidArgument(f"a request is at most {max_size} bytes")
+        return decode(data), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
 def send(sock: socket.socket, data: bytes, fds=()) -> None:
     if fds:
         socket.send_fds(sock, [data], list(fds))
     else:
         sock.sendall(data)
+
+
+def refuse(conn: socket.socket, exc: BaseException) -> None:
+    """Answer ``exc`` without reading the request (an accept loop must not wait)."""
+    try:
+        conn.setblocking(False)
+        conn.send(error(exc))
+    except OSError:
+        pass
+    conn.close()

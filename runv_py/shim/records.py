@@ -46,6 +46,7 @@ FIELDS = {
     "oom_killed": False,
     "host_cgroups": list,         # cgroupsPath dirs (str)
     "netns": "",                  # the pod's network namespace, if it has one
+    "sandbox": "",                # a pod member's: the container whose VM holds it
     "taps": list,                 # our VM's taps in it (what redirects to them is ours)
     "execs": dict,                # exec id -> guest pid
     "exec_exits": dict,           # exec id -> exit status

@@ -13,14 +13,14 @@ import select
 import signal
 import socket
 import threading
-import time
 
 from ..hyperstart import states, syscalls
-from ..hyperstart.errors import FailedPrecondition, InvalidArgument, NotFound, RunvError, Unavailable
+from ..hyperstart.errors import FailedPrecondition, NotFound, RunvError, Unavailable
 from ..oci import bundle as oci
 from ..oci.state import now_rfc3339
 from ..host import proc as hostproc
 from ..sandbox import VM_DIED_STATUS, Container, ProcessIO, Sandbox, private_mount_namespace
+from . import member
 from . import protocol as p
 from .params import ShimParams
 from .records import SHIM_SOCKET, Record
@@ -46,16 +46,6 @@ class StoppedWhileBooting(Unavailable):
     """A stopping signal came before the container was reported created."""
 
 
-def refuse(conn: socket.socket, error: RunvError) -> None:
-    """Answer ``error`` without reading the request (the accept loop must not wait)."""
-    try:
-        conn.setblocking(False)
-        conn.send(p.error(error))
-    except OSError:
-        pass
-    conn.close()
-
-
 class ShimServer:
     def __init__(self, params: ShimParams):
         self.params = params
@@ -71,6 +61,8 @@ class ShimServer:
                              annotations=self.bundle.annotations, shim_pid=os.getpid(),
                              shim_start=hostproc.start_time(os.getpid()), path=self.path)
         self.lock = threading.Lock()
+        self.members = set()          # pod members' containers in our VM (member.py)
+        self.infra = None             # a member's: the record of the VM's owner
         self.done = threading.Event()
         self.exit_status = VM_DIED_STATUS
         self.exec_count = 0
@@ -90,6 +82,9 @@ class ShimServer:
         from ..host import specns
         from ..net import network_for
         from ..vm.boot import BootConfig
+        infra = member.find_infra(os.path.dirname(self.path), self.bundle.spec, self.cid)
+        if infra is not None:
+            return member.join(self, infra)
         params = self.params
         config = BootConfig(**params.config)
         factory = for_shim(probe(params.driver), config, params.factory_policy, params.template_dir)
@@ -139,6 +134,8 @@ class ShimServer:
         return ProcessIO(slave, os.dup(slave), -1)
 
     def on_exit(self, container: Container, proc) -> None:
+        if container.id != self.cid:
+            return  # a pod member's: its own shim waits for it
         if proc is container.init:
             self.update(exit_status=proc.exit.status, oom_killed=proc.exit.oom,
                         finished=now_rfc3339())
@@ -188,7 +185,7 @@ class ShimServer:
             except OSError:
                 continue
             if not self.slots.acquire(blocking=False):
-                refuse(conn, Unavailable(f"the shim serves at most {MAX_REQUESTS} requests "
+                p.refuse(conn, Unavailable(f"the shim serves at most {MAX_REQUESTS} requests "
                                          "at once; try again"))
                 continue
             with self.idle:
@@ -199,25 +196,14 @@ class ShimServer:
     def handle(self, conn: socket.socket) -> None:
         fds = []
         try:
-            conn.settimeout(REQUEST_TIMEOUT)  # also bounds the sends of the answers
-            deadline = time.monotonic() + REQUEST_TIMEOUT
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST + 1, 3)
-                while data and not data.endswith(b"\n") and len(data) <= MAX_REQUEST:
-                    conn.settimeout(max(deadline - time.monotonic(), 0.001))
-                    more = conn.recv(MAX_REQUEST + 1 - len(data))
-                    if not more:
-                        break
-                    data += more
-            except TimeoutError:
-                raise InvalidArgument(f"no complete request within {REQUEST_TIMEOUT:.0f}s") from None
-            conn.settimeout(REQUEST_TIMEOUT)
-            if len(data) > MAX_REQUEST:
-                raise InvalidArgument(f"a request is at most {MAX_REQUEST} bytes")
-            req = p.decode(data)
-            if req.container and req.container != self.cid:
+            req, fds = p.recv_request(conn, MAX_REQUEST, REQUEST_TIMEOUT)
+            req.container = req.container or self.cid
+            if req.container != self.cid and req.OP != "join" and req.container not in self.members:
                 raise NotFound(f"container {req.container!r} does not exist in this sandbox")
-            reply = getattr(self, "op_" + req.OP)(req, fds, conn)
+            if self.infra is not None:
+                reply = member.relay(self, req, fds, conn)
+            else:
+                reply = getattr(self, "op_" + req.OP)(req, fds, conn)
             if reply is not None:
                 conn.sendall(p.ok(**reply))
         except Exception as e:  # every failure goes back to the caller, typed
@@ -249,17 +235,20 @@ class ShimServer:
 
     def op_start(self, req: p.Start, fds, conn) -> dict:
         from ..net.late import connect_to_guest
-        connect_to_guest(self.sandbox)
-        self.sandbox.start_container(self.cid)
-        self.update(started=now_rfc3339())
+        own = req.container == self.cid
+        if own:
+            connect_to_guest(self.sandbox)
+        self.sandbox.start_container(req.container)
+        if own:
+            self.update(started=now_rfc3339())
         return {}
 
     def op_kill(self, req: p.Kill, fds, conn) -> dict:
-        self.sandbox.kill(self.cid, req.signal, req.all)
+        self.sandbox.kill(req.container, req.signal, req.all)
         return {}
 
     def op_signal(self, req: p.Signal, fds, conn) -> dict:
-        self.sandbox.signal(self.cid, req.exec_id, req.signal)
+        self.sandbox.signal(req.container, req.exec_id, req.signal)
         return {}
 
     def op_pause(self, req: p.Pause, fds, conn) -> dict:
@@ -271,25 +260,28 @@ class ShimServer:
         return {}
 
     def op_ps(self, req: p.Ps, fds, conn) -> dict:
-        return {"processes": [info.to_wire() for info in self.sandbox.processes(self.cid)]}
+        return {"processes": [i.to_wire() for i in self.sandbox.processes(req.container)]}
 
     def op_winsize(self, req: p.Winsize, fds, conn) -> dict:
-        self.sandbox.resize(self.cid, req.exec_id, req.rows, req.cols)
+        self.sandbox.resize(req.container, req.exec_id, req.rows, req.cols)
         return {}
 
     def op_close_stdin(self, req: p.CloseStdin, fds, conn) -> dict:
-        self.sandbox.close_stdin(self.cid, req.exec_id)
+        self.sandbox.close_stdin(req.container, req.exec_id)
         return {}
 
     def op_stats(self, req: p.Stats, fds, conn) -> dict:
-        return {"stats": self.sandbox.stats(self.cid).to_json()}
+        return {"stats": self.sandbox.stats(req.container).to_json()}
 
     def op_update(self, req: p.Update, fds, conn) -> dict:
-        self.sandbox.update(self.cid, req.resources or {})
-        if self.host_cgroup is not None:      # where runc applies them: the host cgroup
+        self.sandbox.update(req.container, req.resources or {})
+        if self.host_cgroup is not None and req.container == self.cid:  # runc's: the host's
             with self.sandbox.lock:           # one QMP user at a time (pause takes it too)
                 self.host_cgroup.update(req.resources or {}, self.sandbox.vm)
         return {}
+
+    op_join = member.op_join      # a pod member's container into our VM
+    op_leave = member.op_leave
 
     def op_shutdown(self, req: p.Shutdown, fds, conn) -> dict:
         self.finish(VM_DIED_STATUS)
@@ -309,13 +301,14 @@ class ShimServer:
         with self.lock:
             self.exec_count += 1
             exec_id = req.exec_id or f"exec-{self.exec_count}"
-        proc = self.sandbox.exec(self.cid, exec_id, process, io)
-        self.update(execs=dict(self.record.execs, **{exec_id: proc.pid}))
+        proc = self.sandbox.exec(req.container, exec_id, process, io)
+        if req.container == self.cid:
+            self.update(execs=dict(self.record.execs, **{exec_id: proc.pid}))
         conn.sendall(p.ok(pid=proc.pid, exec_id=exec_id))
-        return self.op_wait(p.Wait(self.cid, exec_id), fds, conn)
+        return self.op_wait(p.Wait(req.container, exec_id), fds, conn)
 
     def op_wait(self, req: p.Wait, fds, conn):
-        exit = self.sandbox.wait(self.cid, req.exec_id)
+        exit = self.sandbox.wait(req.container, req.exec_id)
         try:
             conn.sendall(p.ok(exit=exit.status))
         except OSError:
@@ -381,10 +374,12 @@ class ShimServer:
 
         def kill():
             try:
+                if self.infra is not None:
+                    return member.kill(self, signum)
                 self.sandbox.kill(self.cid, signum)
             except RunvError:
                 pass
-        if self.container is not None and self.container.state.is_(states.RUNNING):
+        if self.infra is not None or self.container is not None and self.container.state.is_(states.RUNNING):
             threading.Thread(target=kill, daemon=True).start()
 
     def teardown(self) -> None:

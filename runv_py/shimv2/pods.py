@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..hyperstart.errors import FailedPrecondition, InvalidArgument
 from ..oci.bundle import read_spec
+from ..oci.linux import shared_namespaces
 from ..oci.resources import VM_MEMORY_OVERHEAD_MIB, asked, vm_size
 
 if TYPE_CHECKING:
@@ -60,17 +61,6 @@ def sandbox_size(spec: dict, annotations: dict, cpus: int, memory_mib: int) -> d
     return {"cpus": cpus, "memory_mib": memory_mib,
             "max_cpus": max(cpus, min(MAX_CPUS, os.cpu_count() or 1)),
             "max_memory_mib": memory_mib + GROW_MEMORY_MIB}
-
-
-def shared_namespaces(spec: dict) -> dict:
-    """The namespaces an app container joins: those its spec gives a path (CRI points
-    them at the sandbox's pid); the network is the VM's anyway."""
-    shared = {}
-    for ns in (spec.get("linux") or {}).get("namespaces") or []:
-        kind = {"ipc": "ipc", "uts": "uts", "pid": "pid"}.get(ns.get("type"))
-        if kind and ns.get("path"):
-            shared[kind] = True
-    return shared
 
 
 class Pod:
