@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import qemu_pids
-from test_clients import podman  # noqa: F401  (the podman fixture)
+from test_clients import docker, docker_run, podman  # noqa: F401  (fixtures)
 from test_network import in_netns, netns, sh  # noqa: F401  (the netns fixture)
 from test_run import driver, out, runv  # noqa: F401  (fixtures)
 
@@ -137,3 +137,20 @@ def test_a_container_given_another_s_network_namespace_joins_its_vm(runv, bundle
     assert runv("exec", first, "true").returncode == 0  # the first runs on
     runv("delete", "-f", first, check=True)
     assert not qemu_pids(first)
+
+
+def test_docker_container_modes_join_the_vm_of_the_container_they_name(docker):
+    """--network, --ipc and --pid container:X put the container into X's VM."""
+    root = os.path.join(docker.base[2].replace("unix://", "").rsplit("/", 1)[0], "exec",
+                        "runtime-runc", "moby")
+    x = docker.started(*docker_run("-d", "--ipc", "shareable"), docker.image, "sh", "-c",
+                       "echo from-x > /tmp/x; exec httpd -f -p 127.0.0.1:8081 -h /tmp")
+    qemu = record(x, root)["qemu_pid"]
+    r = docker("run", "--runtime", "runvpy", "--rm", "--network", f"container:{x}", "--ipc",
+               f"container:{x}", "--pid", f"container:{x}", docker.image, "sh", "-c",
+               "wget -qO- http://127.0.0.1:8081/x; ps -o comm | grep -c httpd")
+    assert r.returncode == 0 and r.stdout.split() == [b"from-x", b"1"], r
+    assert [d for d in os.listdir(root) if d != x] == []  # the member is gone, x runs on
+    assert alive(qemu) and docker("exec", x, "true").returncode == 0
+    docker("rm", "-f", x, check=True)
+    assert wait_gone(qemu)
