@@ -45,7 +45,8 @@ def test_podman_pod_members_share_one_vm_hostname_localhost_and_ipc(podman):
     podman("pod", "create", "--name", pod, check=True)
     try:
         web = podman.started("run", "-d", "--pod", pod, podman.image, "sh", "-c",
-                             "echo from-a-member > /tmp/i; exec httpd -f -p 8080 -h /tmp")
+                             "trap 'exit 0' TERM; echo from-a-member > /tmp/i;"
+                             " httpd -p 8080 -h /tmp; while :; do sleep 0.2; done")
         other = podman.started("run", "-d", "--pod", pod, podman.image, "sleep", "600")
         infra = podman("pod", "inspect", "-f", "{{.InfraContainerID}}", pod,
                        check=True).stdout.decode().strip()
@@ -58,6 +59,14 @@ def test_podman_pod_members_share_one_vm_hostname_localhost_and_ipc(podman):
         for kind in ("ipc", "uts"):
             assert guest_ns(podman, web, kind) == guest_ns(podman, other, kind)
         assert guest_ns(podman, web, "pid") != guest_ns(podman, other, "pid")  # not shared
+        # Stopped and started again: a new VM, the members in it.
+        podman("pod", "stop", "-t", "5", pod, check=True)
+        assert wait_gone(qemu)
+        podman("pod", "start", pod, check=True)
+        qemu = record(infra)["qemu_pid"]
+        assert record(web)["qemu_pid"] == qemu and alive(qemu)
+        r = podman("exec", other, "wget", "-qO-", "http://localhost:8080/i")
+        assert r.returncode == 0 and r.stdout == b"from-a-member\n", r
         # A member removed leaves the others running, in the same VM.
         podman("rm", "-f", "-t", "0", web, check=True)
         assert podman("exec", other, "true").returncode == 0 and alive(qemu)

@@ -14,7 +14,7 @@ import threading
 from typing import Optional
 
 from ..hyperstart import states, syscalls
-from ..hyperstart.errors import FailedPrecondition, InvalidArgument, RunvError
+from ..hyperstart.errors import FailedPrecondition, InvalidArgument, RunvError, Unavailable
 from ..oci import bundle as oci
 from ..oci.linux import shared_namespaces
 from ..oci.state import now_rfc3339
@@ -103,7 +103,13 @@ def relay(server, req: p.Request, fds: list, conn) -> Optional[dict]:
         return {}
     req.container = server.cid
     if req.OP not in ("exec", "wait"):
-        reply = ShimClient(server.infra).call(req, fds)
+        try:
+            reply = ShimClient(server.infra).call(req, fds)
+        except Unavailable:  # the infra's shim is gone, and the VM with our container
+            server.finish(VM_DIED_STATUS)
+            if req.OP == "kill":
+                return {}  # what the signal was for has happened
+            raise
         if req.OP == "start":
             server.update(status=states.RUNNING, started=now_rfc3339())
         return reply

@@ -344,6 +344,8 @@ class ShimServer:
             return 1
         while not self.done.wait(1.0):
             pass
+        if self.members:  # their shims' waits hold requests open: the VM ends them now
+            self.sandbox.destroy()
         self.wait_idle(5.0)
         self.teardown()
         return self.exit_status
