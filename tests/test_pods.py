@@ -36,6 +36,10 @@ def wait_gone(pid: int, timeout: float = 20) -> bool:
     return not alive(pid)
 
 
+def ns_id(pid: int, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
 def guest_ns(client, cid: str, kind: str) -> str:
     return client("exec", cid, "readlink", f"/proc/self/ns/{kind}", check=True).stdout.strip()
 
@@ -54,6 +58,11 @@ def test_podman_pod_members_share_one_vm_hostname_localhost_and_ipc(podman):
         assert alive(qemu)
         for cid in (web, other):  # one QEMU for the pod: its infra's
             assert record(cid)["qemu_pid"] == qemu and record(cid)["sandbox"] == infra
+        # The members' pids carry the pod's namespaces. QEMU (jailed) is not in the host's
+        # network: a pooled VM's was made before the pod, in an empty one of its own.
+        pod_net = ns_id(record(infra)["pid"], "net")
+        assert {ns_id(record(c)["pid"], "net") for c in (web, other)} == {pod_net}
+        assert ns_id(qemu, "net") not in (ns_id(os.getpid(), "net"),)
         r = podman("exec", other, "sh", "-c", "hostname; wget -qO- http://localhost:8080/i")
         assert r.returncode == 0 and r.stdout.split() == [pod.encode(), b"from-a-member"], r
         for kind in ("ipc", "uts"):
