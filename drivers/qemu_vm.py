@@ -22,6 +22,10 @@ SHARE_TAG = "runvshare"
 MIGRATE_TIMEOUT = 30.0
 
 
+QMP_GREETING_TIMEOUT = 10.0
+QMP_TIMEOUT = 30.0
+
+
 class QemuVM:
     """A running QEMU process and the files through which it is reached."""
 
@@ -117,10 +121,17 @@ class QemuVM:
 
     def qmp(self):
         if self._qmp is None:
+            import select
             from qemu.qmp.legacy import QEMUMonitorProtocol
             sock = self.connect(QMP_SOCKET, timeout=5)
+            # The client waits for QEMU's greeting without a bound: a QEMU that
+            # accepted but stopped (SIGSTOP, a hung main loop) must not hang us.
+            if not select.select([sock], [], [], QMP_GREETING_TIMEOUT)[0]:
+                sock.close()
+                raise DriverError(f"QEMU did not greet on QMP within {QMP_GREETING_TIMEOUT:g}s")
             qmp = QEMUMonitorProtocol(sock)
             qmp.connect()
+            qmp.settimeout(QMP_TIMEOUT)  # each command answered in time, or an error
             self._qmp = qmp
         return self._qmp
 
@@ -130,7 +141,13 @@ class QemuVM:
         except DriverError:
             raise
         except Exception as e:
-            raise DriverError(f"QMP {command} failed: {e}") from None
+            if self._qmp is not None:  # maybe out of step (a late answer): a fresh one next
+                qmp, self._qmp = self._qmp, None
+                try:
+                    qmp.close()
+                except Exception:
+                    pass
+            raise DriverError(f"QMP {command} failed: {e or type(e).__name__}") from None
 
     def status(self) -> str:
         return self.qmp_command("query-status").get("status", "unknown")

@@ -3,6 +3,7 @@ holds too long is a clear error, not a hang; a stdio sink whose reader went away
 console set-up that fails leave no fd behind."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -133,3 +134,21 @@ def test_a_launch_that_does_not_return_is_given_up_and_its_vm_stopped(monkeypatc
     release.set()
     assert own.call(lambda: 42) == 42  # the launcher goes on
     assert late.stopped, "a VM nobody waits for any more was left running"
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(150)
+def test_a_frozen_qemu_fails_a_pause_instead_of_hanging_it(runv, bundle):
+    """QEMU stopped (SIGSTOP): its QMP greeting, or its answer, never comes; `pause`
+    fails with QMP's error in bounded time and the container can still be deleted."""
+    cid = runv.id()
+    runv.detached("run", "-d", "-b", bundle(["sleep", "600"]), cid)
+    with open(os.path.join(runv.root, cid, "state.json")) as f:
+        qemu = json.load(f)["qemu_pid"]
+    os.kill(qemu, signal.SIGSTOP)
+    try:
+        r = runv("pause", cid, timeout=90)  # TimeoutExpired: it hung
+        assert r.returncode != 0 and b"QMP" in r.stderr, r.stderr
+    finally:
+        os.kill(qemu, signal.SIGCONT)
+        runv("delete", "-f", cid, check=True)

@@ -68,6 +68,24 @@ def test_calls_are_multiplexed_on_one_connection(server):
     sock.close()
 
 
+def test_an_idle_connection_stays_and_a_half_sent_frame_is_cut_off(server, monkeypatch):
+    monkeypatch.setattr(ttrpc, "FRAME_TIMEOUT", 0.5)
+    path, _release = server
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.settimeout(10)
+    idle.connect(path)
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.settimeout(10)
+    stalled.connect(path)
+    stalled.sendall(ttrpc.HEADER.pack(100, 1, ttrpc.TYPE_REQUEST, 0)[:5])  # and no more
+    time.sleep(1.5)
+    assert stalled.recv(1) == b""           # the server hung up on it
+    send_request(idle, 1, "Echo", b"still here")   # idle for longer, still served
+    assert read_response(idle)[1].payload == b"still here"
+    idle.close()
+    stalled.close()
+
+
 def test_status_codes_and_size_limit(server):
     path, _ = server
     client = ttrpc.Client(path)

@@ -8,6 +8,7 @@ other calls go on), so every request runs in its own thread and frames are writt
 a lock so that they never interleave.
 """
 import logging
+import select
 import socket
 import struct
 import threading
@@ -47,6 +48,11 @@ class TtrpcError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+# How long a client may take to send the rest of a frame it has begun (and the server
+# to send an answer).
+FRAME_TIMEOUT = 10.0
 
 
 def recv_exact(sock: socket.socket, n: int) -> Optional[bytes]:
@@ -123,6 +129,12 @@ class Server:
         write_lock = threading.Lock()
         try:
             while True:
+                # Idle as long as the client likes (containerd keeps its connection);
+                # a frame once begun must arrive whole in time, or the client is cut off.
+                idle = select.poll()
+                idle.register(conn, select.POLLIN)
+                idle.poll()
+                conn.settimeout(FRAME_TIMEOUT)
                 frame = read_frame(conn)
                 if frame is None:
                     break
