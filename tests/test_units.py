@@ -353,3 +353,23 @@ def test_daemon_entries_hold_no_status_of_their_own():
                  "status": "stopped"})
     assert old.exit_logged and "status" not in old.to_json()
     assert not Entry({"id": "c", "status": "running"}).exit_logged
+
+
+def test_one_settings_file_serves_the_shim_v2_the_factory_and_the_jail(tmp_path, monkeypatch):
+    """Each entry point takes its settings and lets the others' be (the shim v2 once
+    refused `factory` and `jail`, which the README tells operators to set)."""
+    from runv_py import factory
+    from runv_py.drivers import jail
+    from runv_py.hyperstart.errors import InvalidArgument
+    from runv_py.shimv2 import config
+    path = tmp_path / "runv-py.toml"
+    path.write_text('factory = false\nfactory_pool = 3\njail = false\ndefault_memory = 300\n')
+    monkeypatch.setenv("RUNVPY_CONFIG", str(path))
+    for var in ("RUNV_FACTORY", "RUNV_FACTORY_POOL", "RUNV_JAIL"):
+        monkeypatch.delenv(var, raising=False)
+    assert config.load().default_memory == 300
+    assert factory.settings() == {"enabled": False, "pool": 3}
+    assert jail.enabled() is False
+    path.write_text('default_memroy = 300\n')
+    with pytest.raises(InvalidArgument, match="unknown settings default_memroy"):
+        config.load()

@@ -34,15 +34,12 @@ def path(*parts: str) -> str:
 
 def settings() -> dict:
     """{"enabled": bool, "pool": int} from the environment, then the node's config file."""
-    values = {}
-    config_file = os.environ.get("RUNVPY_CONFIG") or paths.CONFIG_FILE
-    if os.path.isfile(config_file):
-        try:
-            import tomllib
-            with open(config_file, "rb") as f:
-                values = tomllib.load(f)
-        except (OSError, ValueError):
-            values = {}
+    from ..hyperstart.errors import InvalidArgument
+    from ..settings import node_file
+    try:
+        values = node_file()[1]
+    except InvalidArgument:
+        values = {}  # the shim v2 says why; a CLI run boots cold rather than fail
     enabled = values.get("factory", True)
     env = os.environ.get("RUNV_FACTORY", "").strip().lower()
     if env:

@@ -1,11 +1,12 @@
 """The shim v2's settings: containerd starts it with no flags of ours, so they come from
 a config file and the environment containerd runs with.
 
-``/etc/runv-py/runv-py.toml`` (or the file ``RUNVPY_CONFIG`` names) may set, at its top
-level: ``kernel``, ``initrd``, ``driver``, ``default_cpus``, ``default_memory`` (MiB),
-``template`` (a template directory: every VM a clone of it), ``factory_policy`` (runV's
-policy JSON) and ``share`` (9p or virtiofs). ``RUNV_KERNEL``, ``RUNV_INITRD``, ``RUNV_DRIVER``, ``RUNV_TEMPLATE`` and
-``RUNV_FACTORY_POLICY`` in the environment override the file.
+The node's settings file (runv_py/settings.py) may set ``kernel``, ``initrd``,
+``driver``, ``default_cpus``, ``default_memory`` (MiB), ``template`` (a template
+directory: every VM a clone of it), ``factory_policy`` (runV's policy JSON) and
+``share`` (9p or virtiofs). ``RUNV_KERNEL``, ``RUNV_INITRD``, ``RUNV_DRIVER``,
+``RUNV_TEMPLATE``, ``RUNV_FACTORY_POLICY`` and ``RUNV_SHARE`` in the environment
+override the file.
 """
 import dataclasses
 import os
@@ -35,18 +36,10 @@ class ShimConfig:
 
 
 def load(environ=os.environ) -> ShimConfig:
-    path = environ.get("RUNVPY_CONFIG") or paths.CONFIG_FILE
-    values = {}
-    if os.path.isfile(path):
-        import tomllib
-        try:
-            with open(path, "rb") as f:
-                values = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise InvalidArgument(f"{path}: {e}") from None
-        unknown = set(values) - {f.name for f in dataclasses.fields(ShimConfig)}
-        if unknown:
-            raise InvalidArgument(f"{path}: unknown settings {', '.join(sorted(unknown))}")
+    from ..settings import node_file
+    path, values = node_file(environ)
+    values = {k: v for k, v in values.items()
+              if k in {f.name for f in dataclasses.fields(ShimConfig)}}
     for name, var in ENV.items():
         if environ.get(var):
             values[name] = environ[var]

@@ -1,0 +1,38 @@
+"""The node's settings file, ``/etc/runv-py/runv-py.toml`` (or the file ``RUNVPY_CONFIG``
+names): what entry points without flags of their own (the shim v2, the factory, a
+runtime started by podman or docker) are told. One table at the top level:
+
+- the shim v2's VMs: ``kernel``, ``initrd``, ``driver``, ``default_cpus``,
+  ``default_memory`` (MiB), ``template``, ``factory_policy``, ``share`` (9p, virtiofs);
+- the node's VM factory: ``factory`` (on by default), ``factory_pool``;
+- the VMM jail: ``jail`` (on by default; read by drivers/jail.py, which may import
+  nothing of ours, from the same file).
+
+A name not in this list is an error: a typo must not pass as a default.
+"""
+import os
+
+from . import paths
+from .hyperstart.errors import InvalidArgument
+
+KNOWN = ("kernel", "initrd", "driver", "default_cpus", "default_memory", "template",
+         "factory_policy", "share", "factory", "factory_pool", "jail")
+
+
+def node_file(environ=os.environ) -> tuple:
+    """(path, its settings) — {} if there is no such file; InvalidArgument if it cannot
+    be read or names an unknown setting."""
+    path = environ.get("RUNVPY_CONFIG") or paths.CONFIG_FILE
+    if not os.path.isfile(path):
+        return path, {}
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise InvalidArgument(f"{path}: {e}") from None
+    unknown = set(values) - set(KNOWN)
+    if unknown:
+        raise InvalidArgument(f"{path}: unknown settings {', '.join(sorted(unknown))} "
+                              f"(known: {', '.join(KNOWN)})")
+    return path, values
