@@ -67,6 +67,11 @@ def test_podman_pod_members_share_one_vm_hostname_localhost_and_ipc(podman):
         assert r.returncode == 0 and r.stdout.split() == [pod.encode(), b"from-a-member"], r
         for kind in ("ipc", "uts"):
             assert guest_ns(podman, web, kind) == guest_ns(podman, other, kind)
+        addresses = {podman("exec", c, "ip", "-o", "-4", "addr", "show", "eth0",
+                            check=True).stdout.split()[3] for c in (web, other)}
+        assert len(addresses) == 1, addresses  # one IP: the pod's
+        assert podman("pod", "ps", "--filter", f"name={pod}", "--format", "{{.Status}}",
+                      check=True).stdout.strip() == b"Running"
         assert guest_ns(podman, web, "pid") != guest_ns(podman, other, "pid")  # not shared
         # Stopped and started again: a new VM, the members in it.
         podman("pod", "stop", "-t", "5", pod, check=True)
