@@ -7,6 +7,7 @@ what containerd's streaming server does; ``runvpy`` is what we ship. The pod run
 busybox httpd ("web", the target of execs and of the port-forward) and an interactive
 ``sh`` on a terminal ("term", the target of attaches). Traffic goes only to loopback
 (containerd's streaming server) and, through containerd, inside the pod."""
+import hashlib
 import os
 import time
 import uuid
@@ -53,9 +54,10 @@ def containerd():
 
 @pytest.fixture(scope="module")
 def pod(request, containerd, tmp_path_factory):
-    """The handler's pod with "web" (httpd serving ``page`` on port 80) and "term"
-    (``sh`` on a terminal with stdin open), both running; removed, and checked for
-    leaks, after the handler's last test."""
+    """The handler's pod with "web" (httpd serving ``page`` on port 80), "term" (``sh``
+    on a terminal with stdin open) and "pipe" (a shell loop on stdin, without a
+    terminal), all running; removed, and checked for leaks, after the handler's last
+    test."""
     handler = request.param
     client = containerd.client
     logs = tmp_path_factory.mktemp(f"streaming-{handler}")
@@ -68,6 +70,8 @@ def pod(request, containerd, tmp_path_factory):
             " && exec httpd -f -p 80 -h /www"]))
         cids.append(client.run_container(pod_id, "term", BUSYBOX_IMAGE, ["sh"],
                                          tty=True, stdin=True))
+        cids.append(client.run_container(pod_id, "pipe", BUSYBOX_IMAGE, ["sh", "-c", (
+            "while read line; do echo out-$line; echo err-$line >&2; done")], stdin=True))
         for cid in cids:
             client.wait_container(cid, pb.CONTAINER_RUNNING, timeout=90)
         # httpd answers inside the pod before any test forwards to it.
@@ -76,12 +80,29 @@ def pod(request, containerd, tmp_path_factory):
             " sleep 0.1; done; exit 1")], timeout=60)
         assert (code, out.decode()) == (0, page), err
         yield SimpleNamespace(handler=handler, client=client, id=pod_id, web=cids[0],
-                              term=cids[1], page=page, logs=logs)
+                              term=cids[1], pipe=cids[2], page=page, logs=logs)
     finally:
         client.stop_pod(pod_id)
         client.remove_pod(pod_id)
         assert not qemu_pids(pod_id), "the pod's VM outlived it"
         assert containerd.leaks(pod_id, *cids) == []
+
+
+def wait_for(predicate, timeout: float = 20, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            assert value, f"timed out waiting for {what}"
+            return value
+        time.sleep(0.2)
+
+
+def _args(client, cid: str) -> list:
+    """The command lines of the container's processes (ps's own last)."""
+    code, out, _ = client.exec_sync(cid, ["ps", "-o", "args"])
+    assert code == 0, out
+    return [line.split()[0] for line in out.decode().split("\n")[1:-1]]
 
 
 @pytest.mark.parametrize("pod", HANDLERS, indirect=True)
@@ -93,8 +114,7 @@ def test_exec_with_a_tty_runs_an_interactive_shell(pod):
         assert sh.protocol == CHANNEL_PROTOCOL
         sh.resize(100, 30)  # kubectl sends the terminal's size first
         sh.write("echo hi-$((6*7)) $(tty)\n")
-        out = sh.read_until("hi-42 /dev/pts/")
-        assert b"echo hi-$((6*7))" in out, out  # the terminal echoed the line
+        sh.read_until("hi-42 /dev/pts/")  # (the command line's echo has "$((6*7))")
         # The resize reaches the terminal (asynchronously: containerd relays it).
         sh.write('for i in $(seq 1 50); do [ "$(stty size)" = "30 100" ] && break;'
                  ' sleep 0.1; done; echo size-$(stty size | tr " " x)\n')
@@ -109,30 +129,72 @@ def test_exec_with_a_tty_runs_an_interactive_shell(pod):
         assert sh.status()["status"] == "Success"
         assert sh.exit_code() == 0
 
+    # A shell killed by a signal: 128 + the signal, as runc's shim reports it.
+    with RemoteCommand(client.exec_url(pod.web, ["sh"], tty=True, stdin=True)) as sh:
+        sh.write("kill -9 $$\n")
+        assert sh.exit_code() == 137
+
+
     # Without a terminal: stdout and stderr come on their own channels.
     with RemoteCommand(client.exec_url(pod.web, ["sh", "-c", "echo out; echo err >&2; exit 7"],
                                        tty=False, stdin=False)) as cmd:
         assert cmd.exit_code() == 7
         assert cmd.received().get(1) == b"out\n" and cmd.received().get(2) == b"err\n", \
             cmd.received()
-    # No shell of these execs is left in the container.
-    code, out, _ = client.exec_sync(pod.web, ["ps", "-o", "args"])
-    assert code == 0 and out.decode().split("\n").count("sh") == 0, out
+    # No process of these execs is left in the container.
+    wait_for(lambda: _args(client, pod.web) == ["httpd", "ps"], timeout=20,
+             what="the execs' processes to end")
+
+
+@pytest.mark.parametrize("pod", HANDLERS, indirect=True)
+def test_exec_stdin_is_delivered_to_its_end(pod):
+    """`tar cf - . | kubectl exec -i web -- tar xf -` (what `kubectl cp` does): all of
+    stdin reaches the process, then end-of-file when the client's stream ends
+    (containerd closes its FIFO and calls CloseIO), and the process ends."""
+    client = pod.client
+    data = os.urandom(1 << 20)
+    path = f"/tmp/got-{uuid.uuid4().hex[:8]}"
+    with RemoteCommand(client.exec_url(pod.web, ["sh", "-c", f"sleep 1; cat > {path}; echo done"],
+                                       tty=False, stdin=True)) as cat:
+        cat.wait_ready()  # (sent before containerd starts the process)
+        for at in range(0, len(data), 32 << 10):
+            cat.write(data[at:at + (32 << 10)])
+    # The stream is closed: cat gets end-of-file and ends. (Its file exists once the
+    # exec has started; then only httpd is left, beside the ps looking.)
+    wait_for(lambda: client.exec_sync(pod.web, ["test", "-e", path])[0] == 0, timeout=60,
+             what="the exec to start")
+    wait_for(lambda: _args(client, pod.web) == ["httpd", "ps"], timeout=60, what="cat to end")
+    code, out, _ = client.exec_sync(pod.web, ["sh", "-c", f"wc -c < {path}; md5sum {path}"])
+    assert code == 0 and out.decode().split()[:2] == [str(len(data)), hashlib.md5(data).hexdigest()]
 
 
 @pytest.mark.parametrize("pod", HANDLERS, indirect=True)
 def test_attach_to_a_containers_terminal(pod):
-    """`kubectl attach -it term`: what is typed reaches the container's own shell and
-    its output comes back; detaching leaves the container running, and it can be
-    attached again."""
+    """`kubectl attach -it term`: what is typed reaches the container's own shell, its
+    output comes back, the client's size reaches its terminal; detaching leaves the
+    container running, and it can be attached again. Then `kubectl attach -i` to a
+    container without a terminal."""
     client = pod.client
-    for n in (6, 7):
+    for n, (cols, rows) in ((6, (90, 20)), (7, (120, 40))):
         with RemoteCommand(client.attach_url(pod.term, tty=True, stdin=True)) as term:
             assert term.protocol == CHANNEL_PROTOCOL
+            term.resize(cols, rows)
             term.write(f"echo at-$(({n}*7))\n")
             term.read_until(f"at-{n * 7}")
+            term.write(f'for i in $(seq 1 50); do [ "$(stty size)" = "{rows} {cols}" ] && break;'
+                       ' sleep 0.1; done; echo size-$(stty size | tr " " x)\n')
+            term.read_until(f"size-{rows}x{cols}")
         time.sleep(0.5)
         assert client.container_status(pod.term).state == pb.CONTAINER_RUNNING
+
+    # `kubectl attach -i pipe`: no terminal; stdout and stderr on their own channels.
+    with RemoteCommand(client.attach_url(pod.pipe, tty=False, stdin=True)) as pipe:
+        pipe.wait_ready()
+        pipe.write("x\n")
+        assert pipe.read_until("out-x\n") == b"out-x\n"
+        assert pipe.read_until("err-x\n", channel=2) == b"err-x\n"
+    time.sleep(0.5)
+    assert client.container_status(pod.pipe).state == pb.CONTAINER_RUNNING
 
 
 @pytest.mark.parametrize("pod", PORT_FORWARD_HANDLERS, indirect=True)

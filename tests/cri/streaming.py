@@ -50,6 +50,7 @@ class ChannelSocket:
                                               subprotocols=[CHANNEL_PROTOCOL],
                                               http_no_proxy=["*"])
         self.protocol = self.ws.getsubprotocol()
+        self.timeout = timeout
         self.buffers: Dict[int, bytearray] = {}
         self.frames: Dict[int, int] = {}      # channel -> messages received on it
         self.closed = False
@@ -61,8 +62,12 @@ class ChannelSocket:
         self.close()
 
     def close(self) -> None:
+        """Close as a client should: send the close message and wait for the server's.
+        The server answers it only after what came before it has been taken in; a
+        socket closed sooner is reset, and the server drops what it had not read yet
+        (stdin that a slow process had not taken)."""
         try:
-            self.ws.close(timeout=2)
+            self.ws.close(timeout=self.timeout)
         except (websocket.WebSocketException, OSError):
             pass  # the server had closed it
 
@@ -100,6 +105,14 @@ class ChannelSocket:
 
 class RemoteCommand(ChannelSocket):
     """A streaming exec or attach."""
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Wait for the server's first message (empty, on its lowest writable channel:
+        the streams are set up)."""
+        deadline = time.monotonic() + timeout
+        while not self.frames:
+            if not self.pump(deadline):
+                raise StreamTimeout("the ready message (the stream closed)", self.received())
 
     def write(self, data) -> None:
         self.send(STDIN, data.encode() if isinstance(data, str) else data)
