@@ -20,6 +20,7 @@ from cri import api_pb2 as pb
 from cri.harness import (BUSYBOX_IMAGE, RUNC_HANDLER, RUNVPY_HANDLER, CriContainerd,
                          missing_prerequisites)
 from cri.streaming import CHANNEL_PROTOCOL, RemoteCommand, http_get
+from test_cri import wait_for
 
 MISSING = missing_prerequisites()
 pytestmark = [pytest.mark.timeout(300),
@@ -88,16 +89,6 @@ def pod(request, containerd, tmp_path_factory):
         assert containerd.leaks(pod_id, *cids) == []
 
 
-def wait_for(predicate, timeout: float = 20, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            assert value, f"timed out waiting for {what}"
-            return value
-        time.sleep(0.2)
-
-
 def _args(client, cid: str) -> list:
     """The command lines of the container's processes (ps's own last)."""
     code, out, _ = client.exec_sync(cid, ["ps", "-o", "args"])
@@ -107,8 +98,8 @@ def _args(client, cid: str) -> list:
 
 @pytest.mark.parametrize("pod", HANDLERS, indirect=True)
 def test_exec_with_a_tty_runs_an_interactive_shell(pod):
-    """`kubectl exec -it web -- sh`: the terminal echoes, runs what is typed, takes the
-    client's size, and the status channel carries the shell's exit code."""
+    """`kubectl exec -it web -- sh`: a shell on a terminal runs what is typed, the
+    terminal takes the client's size, and the status channel carries the exit code."""
     client = pod.client
     with RemoteCommand(client.exec_url(pod.web, ["sh"], tty=True, stdin=True)) as sh:
         assert sh.protocol == CHANNEL_PROTOCOL
@@ -134,7 +125,6 @@ def test_exec_with_a_tty_runs_an_interactive_shell(pod):
         sh.write("kill -9 $$\n")
         assert sh.exit_code() == 137
 
-
     # Without a terminal: stdout and stderr come on their own channels.
     with RemoteCommand(client.exec_url(pod.web, ["sh", "-c", "echo out; echo err >&2; exit 7"],
                                        tty=False, stdin=False)) as cmd:
@@ -154,7 +144,10 @@ def test_exec_stdin_is_delivered_to_its_end(pod):
     client = pod.client
     data = os.urandom(1 << 20)
     path = f"/tmp/got-{uuid.uuid4().hex[:8]}"
-    with RemoteCommand(client.exec_url(pod.web, ["sh", "-c", f"sleep 1; cat > {path}; echo done"],
+    # The process is slow to read (the input waits in the pipes), and keeps its stdout
+    # open (containerd ends the session's stdin when the process's output ends).
+    script = f"sleep 1; cat > {path}; echo done"
+    with RemoteCommand(client.exec_url(pod.web, ["sh", "-c", script],
                                        tty=False, stdin=True)) as cat:
         cat.wait_ready()  # (sent before containerd starts the process)
         for at in range(0, len(data), 32 << 10):
@@ -165,7 +158,8 @@ def test_exec_stdin_is_delivered_to_its_end(pod):
              what="the exec to start")
     wait_for(lambda: _args(client, pod.web) == ["httpd", "ps"], timeout=60, what="cat to end")
     code, out, _ = client.exec_sync(pod.web, ["sh", "-c", f"wc -c < {path}; md5sum {path}"])
-    assert code == 0 and out.decode().split()[:2] == [str(len(data)), hashlib.md5(data).hexdigest()]
+    assert code == 0
+    assert out.decode().split()[:2] == [str(len(data)), hashlib.md5(data).hexdigest()]
 
 
 @pytest.mark.parametrize("pod", HANDLERS, indirect=True)
