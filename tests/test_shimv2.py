@@ -1,6 +1,7 @@
 """containerd-shim-runvpy-v2 driven directly over ttrpc, as containerd drives it, with a
 stand-in for containerd's event service: calls ctr never makes (CloseIO) and the exact
 event sequence. Boots a real VM."""
+import hashlib
 import json
 import os
 import socket
@@ -267,4 +268,43 @@ def test_a_failed_create_closes_the_task_stdio(tmp_path, failure):
         assert shim.code("State", pb.StateRequest(id=cid)) == ttrpc.NOT_FOUND
     finally:
         shim.close()
+    assert not wait_vms_gone(tag, timeout=10)
+
+
+def test_close_io_loses_none_of_the_stdin_written_before(tmp_path):
+    """ctr (`ctr run -i`, `ctr task exec -i` < file) writes all of its input into the
+    stdin FIFO, calls CloseIO when it reads the input's end, and only then closes its
+    end: what it wrote is still in the FIFO and the pipes behind it (the process is
+    slow to read), and must all reach the process before its end-of-file, as with
+    runc's shim."""
+    tag = uuid.uuid4().hex[:8]
+    cid = f"ci-{tag}"
+    data = os.urandom(4 << 20)
+    bundle = make_bundle(str(tmp_path / "bundle"), ["sh", "-c", "sleep 1; md5sum"])
+    fifos = {}
+    for name in ("stdin", "stdout"):
+        fifos[name] = str(tmp_path / name)
+        os.mkfifo(fifos[name])
+    out_fd = os.open(fifos["stdout"], os.O_RDONLY | os.O_NONBLOCK)
+    shim = ShimV2(tmp_path, cid, bundle)
+    try:
+        shim.call("Create", pb.CreateTaskRequest(id=cid, bundle=bundle, stdin=fifos["stdin"],
+                                                 stdout=fifos["stdout"]), pb.CreateTaskResponse)
+        shim.call("Start", pb.StartRequest(id=cid), pb.StartResponse)
+        writer = os.open(fifos["stdin"], os.O_WRONLY)
+        try:
+            os.write(writer, data)  # returns once the last of it is in the FIFO
+            shim.call("CloseIO", pb.CloseIORequest(id=cid, stdin=True))
+        finally:
+            os.close(writer)
+        assert shim.call("Wait", pb.WaitRequest(id=cid), pb.WaitResponse).exit_status == 0
+        out = b""
+        deadline = time.monotonic() + 10
+        while b"\n" not in out and time.monotonic() < deadline:
+            out += read_some(out_fd)
+        assert out.split()[:1] == [hashlib.md5(data).hexdigest().encode()], out
+        shim.call("Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
+    finally:
+        shim.close()
+        os.close(out_fd)
     assert not wait_vms_gone(tag, timeout=10)

@@ -140,7 +140,8 @@ class TaskService:
             task = Task(req.id, "", req.stdin, req.stdout, req.stderr, req.terminal, req.bundle)
             try:
                 bundle = oci.load(req.bundle)
-                io = stdio.process_io(req.stdin, req.stdout, req.stderr, req.terminal, task.relays)
+                io = stdio.process_io(req.stdin, req.stdout, req.stderr, req.terminal,
+                                      task.relays)
                 # The task's pid is the VM's: CRI points a pod's containers' namespaces
                 # at the sandbox task's pid, and the VM is what runs them all.
                 container = self.pod.create(req.id, bundle, io, lambda sandbox: sandbox.vm.pid)
@@ -281,7 +282,8 @@ class TaskService:
     def start_exec(self, task: Task) -> int:
         task.require_created("start")
         try:
-            io = stdio.process_io(task.stdin, task.stdout, task.stderr, task.terminal, task.relays)
+            io = stdio.process_io(task.stdin, task.stdout, task.stderr, task.terminal,
+                                  task.relays, task.stdin_closed)
             task.process = self.sandbox.exec(task.cid, task.exec_id,
                                              dict(task.spec, terminal=task.terminal), io)
         except BaseException:
@@ -331,12 +333,13 @@ class TaskService:
         return pb.Empty()
 
     def close_io(self, req) -> pb.Empty:
+        """The process's stdin ends with what the client wrote (the relay takes what
+        the FIFO holds, then closes it): nothing is lost, as with runc's shim."""
         task = self.task(req.id, req.exec_id)
         if req.stdin:
+            task.stdin_closed = True
             for relay in task.relays:
-                relay.stop()
-            if task.process is not None:
-                self.sandbox.close_stdin(req.id, req.exec_id)
+                relay.close_stdin()
         return pb.Empty()
 
     def update(self, req) -> pb.Empty:

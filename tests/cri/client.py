@@ -278,6 +278,33 @@ class CriClient:
             raise
         return r.exit_code, r.stdout, r.stderr
 
+    # Streaming: each returns a URL on containerd's streaming server (cri/streaming.py)
+
+    def exec_url(self, cid: str, cmd: Sequence[str], tty: bool = False, stdin: bool = False,
+                 stdout: bool = True, stderr: bool = None) -> str:
+        """Exec: the URL of a streaming exec. ``stderr`` defaults to ``not tty`` (a
+        terminal merges it into stdout: CRI refuses both)."""
+        stderr = not tty if stderr is None else stderr
+        return self.runtime.Exec(pb.ExecRequest(container_id=cid, cmd=list(cmd), tty=tty,
+                                                stdin=stdin, stdout=stdout, stderr=stderr),
+                                 timeout=self.rpc_timeout).url
+
+    def attach_url(self, cid: str, tty: bool = False, stdin: bool = False,
+                   stdout: bool = True, stderr: bool = None) -> str:
+        """Attach: the URL of a streaming attach to the container's own stdio (``tty``
+        must match the container's config)."""
+        stderr = not tty if stderr is None else stderr
+        return self.runtime.Attach(pb.AttachRequest(container_id=cid, tty=tty, stdin=stdin,
+                                                    stdout=stdout, stderr=stderr),
+                                   timeout=self.rpc_timeout).url
+
+    def port_forward_url(self, pod_id: str, ports: Sequence[int] = ()) -> str:
+        """PortForward: the URL of a port-forward stream into the pod (the ports are
+        named again by the WebSocket client, as ``?port=`` parameters)."""
+        return self.runtime.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod_id,
+                                                              port=list(ports)),
+                                        timeout=self.rpc_timeout).url
+
     def container_stats(self, cid: str) -> pb.ContainerStats:
         return self.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=cid),
                                            timeout=self.rpc_timeout).stats
