@@ -112,6 +112,10 @@ def test_bud_and_run_without_a_network_run_in_vms(buildah, built):
     assert kernel == run_kernel != os.uname().release and kernel.startswith("6.1"), out
     assert (first, second) == ("first", "second"), out
     assert [a.split()[1] for a in addrs] == ["lo"], out   # no network: loopback only
+    # The host's network is refused before any VM is made, in words buildah shows.
+    r = buildah("run", *buildah.runtime, "--network", "host", container, "--", "true",
+                check=False)
+    assert r.returncode != 0 and "host networking is not supported" in r.stderr, r.stderr
 
 
 @pytest.fixture
