@@ -5,6 +5,7 @@ The base image is the busybox rootfs the tests make (no registry); storage, runv
 state root and the CNI network (a bridge and a subnet of the test's own, no masquerade)
 are the test's. Traffic goes only to a server in a namespace the test made, on that
 bridge."""
+import glob
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import uuid
 import pytest
 
 import images
-from conftest import INITRD, KERNEL, wait_vms_gone
+from conftest import INITRD, KERNEL, mounts_under, wait_vms_gone
 from runv_py.net.pod import TAP_PREFIX
 
 RUNV = shutil.which("runv-py")
@@ -32,6 +33,7 @@ class Buildah:
     """buildah with private storage, running containers with runv-py (its own --root)."""
 
     def __init__(self, base: str):
+        self.dir = base
         self.state = f"{base}/state"
         self.base = ["buildah", "--root", f"{base}/root", "--runroot", f"{base}/run",
                      "--storage-driver", "vfs"]
@@ -50,11 +52,16 @@ class Buildah:
         return self("run", *self.runtime, *network, container, "--", *command).stdout
 
     def no_leaks(self) -> None:
-        """No runv-py container of buildah's is left: no QEMU, state directory or tap."""
+        """No runv-py container of buildah's is left (its ids are buildah-buildahNNN): no
+        QEMU, state directory, tap, mount or cgroup."""
         assert not wait_vms_gone("buildah-buildah", timeout=20), "QEMU processes leaked"
         left = os.listdir(self.state) if os.path.isdir(self.state) else []
         assert not left, f"state directories left: {left}"
         assert TAP_PREFIX not in sh("ip", "-o", "link", "show")
+        assert not mounts_under(self.dir), mounts_under(self.dir)
+        cgroups = glob.glob("/sys/fs/cgroup/*/buildah-buildah*") + \
+            glob.glob("/sys/fs/cgroup/*/*/buildah-buildah*")
+        assert not cgroups, cgroups
 
 
 @pytest.fixture(scope="module")
