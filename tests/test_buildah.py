@@ -39,10 +39,14 @@ class Buildah:
                      "--storage-driver", "vfs"]
         self.runtime = ["--runtime", RUNV, "--runtime-flag", f"root={self.state}",
                         "--runtime-flag", f"kernel={KERNEL}", "--runtime-flag", f"initrd={INITRD}"]
+        # CNI whatever else is installed (netavark would ignore --cni-config-dir).
+        with open(f"{base}/containers.conf", "w") as f:
+            f.write('[network]\nnetwork_backend = "cni"\n')
+        self.env = dict(os.environ, CONTAINERS_CONF=f"{base}/containers.conf")
 
     def __call__(self, *args, timeout=240, check=True) -> subprocess.CompletedProcess:
         r = subprocess.run(self.base + list(args), capture_output=True, text=True,
-                           timeout=timeout)
+                           timeout=timeout, env=self.env)
         if check:
             assert r.returncode == 0, (args, r.stdout[-3000:], r.stderr[-3000:])
         return r
