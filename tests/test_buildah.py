@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 
@@ -200,3 +201,34 @@ RUN {fetch(cni['url'])} > /page && test -s /page
     leases = [n for n in os.listdir(cni["ipam"] / "podman") if n.startswith(cni["net"])]
     assert not leases, leases
     assert "ingress" not in sh("tc", "qdisc", "show", "dev", cni["bridge"])
+
+
+def test_a_killed_container_ends_as_with_runc(buildah, built, tmp_path):
+    """buildah waits for the pid the runtime reported (runv-py's is the shim's) as its
+    subreaper: a container killed by a signal reaches buildah as with runc, which says
+    "container exited on killed" and exits 1 (not "exit status 137")."""
+    image = built(f"FROM {BASE}\n", "--network", "none")
+    container = buildah("from", image).stdout.strip()
+    runc_root = str(tmp_path / "runc")
+    ends = {}
+    for name, runtime, root, command in (
+            ("runc", ["--runtime", shutil.which("runc"), "--runtime-flag", f"root={runc_root}"],
+             runc_root, [shutil.which("runc")]),
+            ("runv-py", buildah.runtime, buildah.state, [RUNV])):
+        run = subprocess.Popen(buildah.base + ["run", *runtime, "--network", "none", container,
+                                               "--", "sh", "-c", "echo up; sleep 120"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=buildah.env)
+        try:
+            assert run.stdout.readline() == "up\n"
+            (cid,) = os.listdir(root)
+            sh(*command, "--root", root, "kill", cid, "KILL")
+            _, err = run.communicate(timeout=120)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait(30)
+            for cid in os.listdir(root) if os.path.isdir(root) else []:
+                subprocess.run([*command, "--root", root, "delete", "-f", cid], timeout=60)
+        ends[name] = (run.returncode, err.strip().splitlines()[0])
+    assert ends["runv-py"] == ends["runc"] == (1, "container exited on killed"), ends
