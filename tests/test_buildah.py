@@ -89,7 +89,7 @@ def buildah(tmp_path_factory):
 
 @pytest.fixture
 def built(buildah, tmp_path):
-    """build(containerfile, *options) -> image id: `buildah bud` through runv-py; every
+    """build(containerfile, *options) -> image name: `buildah bud` through runv-py; every
     working container and image the test made is removed afterwards."""
     made = []
 
