@@ -14,8 +14,8 @@ cd "$(dirname "$0")"
 
 PACKAGES="qemu-system-x86 busybox-static cpio linux-source-6.1 bc bison flex libelf-dev
 libssl-dev build-essential python3.11-minimal libpython3.11-minimal libpython3.11-stdlib
-runc containerd libseccomp2 podman docker.io containernetworking-plugins iproute2 procps
-iptables catatonit"
+runc containerd libseccomp2 podman buildah docker.io containernetworking-plugins iproute2
+procps iptables catatonit"
 PYTHON="${PYTHON:-python3}"
 
 missing=""

@@ -281,7 +281,8 @@ class Agent:
                 return
             proc = self.by_pid.get(pid)
             if proc is not None and not proc.exited:
-                proc.exit(p.exit_status(status), time.monotonic())
+                proc.exit(p.exit_status(status), time.monotonic(),
+                          os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0)
                 if proc.stdin_fd >= 0 and proc.stdin_fd != proc.pty_master:
                     os.close(proc.stdin_fd)
                     proc.stdin_fd = -1
@@ -303,4 +304,4 @@ class Agent:
             container = proc.container
             oom = proc is container.init and self.platform.cgroups.oom_killed(container.id)
             self.send(m.ProcessExited(container=container.id, process=proc.id,
-                                      status=proc.status, oom=oom))
+                                      status=proc.status, oom=oom, signal=proc.signal))

@@ -157,6 +157,7 @@ class ProcessExited:
     status: int
     event: str = "finished"
     oom: bool = False
+    signal: int = 0          # the signal that ended it (0: it exited); status is 128+signal
 
 
 # ---- commands -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class Process:
         self.stdin_buf = bytearray()
         self.stdin_eof = False
         self.status = None        # exit status once it has exited
+        self.signal = 0           # the signal that ended it, if one did
         self.exited_at = 0.0
         self.eof_position = 0     # stream bytes that must be sent before the exit event
         self.start_gate = -1      # write end that releases a created-but-not-started init
@@ -32,8 +33,9 @@ class Process:
     def exited(self) -> bool:
         return self.status is not None
 
-    def exit(self, status: int, when: float) -> None:
+    def exit(self, status: int, when: float, signal: int = 0) -> None:
         self.status = status
+        self.signal = signal
         self.exited_at = when
         self.state.stop()
 

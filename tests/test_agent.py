@@ -130,7 +130,8 @@ def test_sandbox_transitions_and_refusals(sandbox, tmp_path):
     sandbox.start_container("c")
     r, io = output_pipe()
     proc = sandbox.exec("c", "e1", {"args": ["echo", "hi"]}, io)
-    assert proc.wait(20).status == 0 and read_all(r) == b"hi\n"
+    exit = proc.wait(20)
+    assert (exit.status, exit.signal) == (0, 0) and read_all(r) == b"hi\n"
     with pytest.raises(errors.AlreadyExists):
         sandbox.exec("c", "e1", {"args": ["true"]}, ProcessIO())
     with pytest.raises(errors.InvalidArgument):
@@ -144,7 +145,8 @@ def test_sandbox_transitions_and_refusals(sandbox, tmp_path):
         sandbox.kill("c", 15)
     sandbox.resume()
     sandbox.kill("c", 9)
-    assert sandbox.wait("c", timeout=20).status == 137
+    exit = sandbox.wait("c", timeout=20)
+    assert (exit.status, exit.signal) == (137, 9)     # the signal, not only 128+9
     with pytest.raises(states.StateError, match="it is stopped"):
         sandbox.kill("c", 9)
     with pytest.raises(errors.NotFound):

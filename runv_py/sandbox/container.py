@@ -31,6 +31,7 @@ class Exit:
     status: int
     at: float                 # time.time() of the exit
     oom: bool = False
+    signal: int = 0           # the signal that ended it (0: it exited)
 
 
 class Process:

@@ -359,7 +359,7 @@ class Sandbox:
             if proc is None:
                 continue
             self.agent.wait_eof(proc.seqs, STREAM_DRAIN_TIMEOUT)
-            self._finish(proc, Exit(event.status, time.time(), event.oom))
+            self._finish(proc, Exit(event.status, time.time(), event.oom, event.signal))
 
     def _finish(self, proc: Process, exit: Exit) -> None:
         container = proc.container

@@ -207,8 +207,8 @@ def exec_process(root: str, cid: str, process: dict, detach: bool, pid_file: str
                  on_started=None) -> int | None:
     """Run ``process`` in the container. Foreground: forward stdio, call
     ``on_started(reply)`` once it runs, and return its exit status. Detached: fork a
-    holder process that lives as long as the process and exits with its status (its
-    pid goes to --pid-file), and return 0."""
+    holder process that lives as long as the process and ends as it did (its status,
+    or the signal that killed it; its pid goes to --pid-file), and return 0."""
     from . import protocol as p
     from .client import ShimClient
     record = load(root, cid)
@@ -233,6 +233,9 @@ def exec_process(root: str, cid: str, process: dict, detach: bool, pid_file: str
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
             final = conn.read()
+            if final and final.get("signal"):  # ended as the process did (spawn.py)
+                from .spawn import end_by_signal
+                end_by_signal(int(final["signal"]))
             os._exit(int(final["exit"]) if final and "exit" in final else 255)
         conn.close()
         if pid_file:

@@ -65,6 +65,7 @@ class ShimServer:
         self.infra = None             # a member's: the record of the VM's owner
         self.done = threading.Event()
         self.exit_status = VM_DIED_STATUS
+        self.exit_signal = 0          # the signal that ended the container, if one did
         self.exec_count = 0
         self.tty_fd = -1
         self.listener = None
@@ -139,15 +140,15 @@ class ShimServer:
         if proc is container.init:
             self.update(exit_status=proc.exit.status, oom_killed=proc.exit.oom,
                         finished=now_rfc3339())
-            self.finish(proc.exit.status)
+            self.finish(proc.exit.status, proc.exit.signal)
         else:
             self.update(exec_exits=dict(self.record.exec_exits, **{proc.id: proc.exit.status}))
 
-    def finish(self, status: int) -> None:
+    def finish(self, status: int, sig: int = 0) -> None:
         with self.lock:
             if self.done.is_set():
                 return
-            self.exit_status = status
+            self.exit_status, self.exit_signal = status, sig
             self.done.set()
         if self.listener is not None:
             try:
@@ -310,7 +311,7 @@ class ShimServer:
     def op_wait(self, req: p.Wait, fds, conn):
         exit = self.sandbox.wait(req.container, req.exec_id)
         try:
-            conn.sendall(p.ok(exit=exit.status))
+            conn.sendall(p.ok(exit=exit.status, signal=exit.signal))
         except OSError:
             pass  # the caller went away; the record keeps the exit
         return None

@@ -112,4 +112,27 @@ def serve(params: ShimParams, report_fd: int) -> int:
     except Exception as e:
         os.write(report_fd, p.error(e))
         return 1
-    return server.run(report_fd)
+    status = server.run(report_fd)
+    if server.exit_signal:
+        end_by_signal(server.exit_signal)
+    return status
+
+
+# Signals whose default action does not end a process: none of them can have ended one.
+NOT_ENDING = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH, signal.SIGSTOP,
+              signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+
+
+def end_by_signal(signum: int) -> None:
+    """End this process (the shim, or a detached exec's holder) by the signal that ended
+    the container process it stands for (a no-op for a signal that cannot have): the pid
+    runv-py reports is this one, and whoever waits for it as its subreaper (buildah,
+    conmon) must see a process killed by that signal, as runc's reported pid, the
+    container process's own, is. No core file is written. Main thread only."""
+    if not 0 < signum < signal.NSIG or signum in NOT_ENDING:
+        return
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+    if signum != signal.SIGKILL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    signal.raise_signal(signum)  # to this thread: it ends the process before returning
