@@ -83,13 +83,14 @@ def join(server, infra: Record) -> None:
 def _watch(server, infra: Record) -> None:
     """The member's container exits (or the VM goes): so does its shim, with its status."""
     from .client import ShimClient
-    status = VM_DIED_STATUS
+    status, sig = VM_DIED_STATUS, 0
     try:
-        status = ShimClient(infra, timeout=None).call(p.Wait(container=server.cid))["exit"]
+        reply = ShimClient(infra, timeout=None).call(p.Wait(container=server.cid))
+        status, sig = reply["exit"], reply.get("signal") or 0
     except (RunvError, OSError, KeyError):
         pass  # the infra's shim, and the VM, are gone
     server.update(status=states.STOPPED, exit_status=status, finished=now_rfc3339())
-    server.finish(status)
+    server.finish(status, sig)
 
 
 def relay(server, req: p.Request, fds: list, conn) -> Optional[dict]:
