@@ -28,11 +28,6 @@ pytestmark = [pytest.mark.timeout(300),
 
 RUNVPY = pytest.param(RUNVPY_HANDLER, marks=pytest.mark.vm, id="runvpy")
 HANDLERS = [pytest.param(RUNC_HANDLER, id="runc"), RUNVPY]
-PORT_FORWARD_HANDLERS = [pytest.param(RUNC_HANDLER, id="runc"), pytest.param(
-    RUNVPY_HANDLER, id="runvpy", marks=[pytest.mark.vm, pytest.mark.xfail(
-        strict=False, reason="containerd 1.6 dials localhost:PORT in the pod's network "
-        "namespace on the host, where nothing of the pod's VM listens (issue 18 item 5: "
-        "the runtime side is being built)")])]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +186,7 @@ def test_attach_to_a_containers_terminal(pod):
     assert client.container_status(pod.pipe).state == pb.CONTAINER_RUNNING
 
 
-@pytest.mark.parametrize("pod", PORT_FORWARD_HANDLERS, indirect=True)
+@pytest.mark.parametrize("pod", HANDLERS, indirect=True)
 def test_port_forward_reaches_the_pods_httpd(pod):
     """`kubectl port-forward`: a connection through the stream reaches port 80 in the
     pod, where busybox httpd serves the page."""
