@@ -17,8 +17,8 @@ import uuid
 import pytest
 
 from cri import api_pb2 as pb
-from cri.harness import (CriContainerd, ExecSyncTimeout, RUNVPY_HANDLER, cri_log_text,
-                         missing_prerequisites, parse_cri_time, read_cri_log)
+from cri.harness import (CriContainerd, ExecSyncTimeout, RUNVPY_HANDLER, checked_containerd,
+                         cri_log_text, missing_prerequisites, parse_cri_time, read_cri_log)
 
 MISSING = missing_prerequisites()
 pytestmark = [pytest.mark.timeout(300),
@@ -30,17 +30,8 @@ def cri():
     """A fresh private containerd with CRI per test (0.5 s to start); on the way out
     every pod goes through CRI, then stop() forces away whatever CRI left (and says
     what it had to force: that fails the test)."""
-    containerd = CriContainerd()
-    containerd.start()
-    try:
+    with checked_containerd() as containerd:
         yield containerd
-    finally:
-        logs = containerd.log_tail()
-        bridge = containerd.bridge
-        forced = containerd.stop()
-        assert not os.path.exists(containerd.base)
-        assert not os.path.exists(f"/sys/class/net/{bridge}")
-        assert not forced, f"clean-up had to force: {forced}\n{logs}"
 
 
 def http_get(url: str, timeout: float = 5) -> str:

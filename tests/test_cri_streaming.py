@@ -17,7 +17,7 @@ import pytest
 
 from conftest import qemu_pids
 from cri import api_pb2 as pb
-from cri.harness import (BUSYBOX_IMAGE, RUNC_HANDLER, RUNVPY_HANDLER, CriContainerd,
+from cri.harness import (BUSYBOX_IMAGE, RUNC_HANDLER, RUNVPY_HANDLER, checked_containerd,
                          missing_prerequisites)
 from cri.streaming import CHANNEL_PROTOCOL, RemoteCommand, http_get
 from test_cri import wait_for
@@ -34,18 +34,8 @@ HANDLERS = [pytest.param(RUNC_HANDLER, id="runc"), RUNVPY]
 def containerd():
     """One private containerd for the module (both handlers' pods); on the way out it
     must not have had to force anything away (as test_cri's fixture)."""
-    c = CriContainerd()
-    c.start()
-    c.client.rpc_timeout = 120  # VMs boot under TCG
-    try:
+    with checked_containerd(rpc_timeout=120) as c:  # VMs boot under TCG
         yield c
-    finally:
-        logs = c.log_tail()
-        bridge = c.bridge
-        forced = c.stop()
-        assert not os.path.exists(c.base)
-        assert not os.path.exists(f"/sys/class/net/{bridge}")
-        assert not forced, f"clean-up had to force: {forced}\n{logs}"
 
 
 @pytest.fixture(scope="module")

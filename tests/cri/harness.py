@@ -397,3 +397,22 @@ class CriContainerd:
                     os.rmdir(d)
         shutil.rmtree(self.base, ignore_errors=True)
         return forced
+
+
+@contextlib.contextmanager
+def checked_containerd(rpc_timeout: Optional[float] = None):
+    """A started CriContainerd; on the way out it is stopped, and must have left
+    nothing and had to force nothing away (what it forced fails the caller)."""
+    c = CriContainerd()
+    c.start()
+    if rpc_timeout is not None:
+        c.client.rpc_timeout = rpc_timeout
+    try:
+        yield c
+    finally:
+        logs = c.log_tail()
+        bridge = c.bridge
+        forced = c.stop()
+        assert not os.path.exists(c.base)
+        assert not os.path.exists(f"/sys/class/net/{bridge}")
+        assert not forced, f"clean-up had to force: {forced}\n{logs}"
