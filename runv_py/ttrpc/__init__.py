@@ -127,14 +127,14 @@ class Server:
 
     def handle_connection(self, conn: socket.socket) -> None:
         write_lock = threading.Lock()
+        # Idle as long as the client likes (containerd keeps its connection); a frame
+        # once begun must arrive whole in time, or the client is cut off.
         try:
+            idle = select.poll()
+            idle.register(conn, select.POLLIN)
+            conn.settimeout(FRAME_TIMEOUT)
             while True:
-                # Idle as long as the client likes (containerd keeps its connection);
-                # a frame once begun must arrive whole in time, or the client is cut off.
-                idle = select.poll()
-                idle.register(conn, select.POLLIN)
                 idle.poll()
-                conn.settimeout(FRAME_TIMEOUT)
                 frame = read_frame(conn)
                 if frame is None:
                     break
