@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 from common import REPO, median, row, timed
+from runv_py.factory import left_as_found  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "tests"))
 import images  # noqa: E402
@@ -84,4 +85,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with left_as_found():  # the runs' clients may start the node's VM factory
+        main()

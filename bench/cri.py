@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from common import median
+from runv_py.factory import left_as_found  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
@@ -109,4 +110,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with left_as_found():  # the runs' clients may start the node's VM factory
+        sys.exit(main())

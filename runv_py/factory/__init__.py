@@ -13,6 +13,7 @@ the factory starts one for next time and boots its VM cold (one log line).
 On by default; ``RUNV_FACTORY=off`` in the environment, or ``factory = false`` in
 /etc/runv-py/runv-py.toml, turns it off.
 """
+import contextlib
 import os
 
 from .. import paths
@@ -50,3 +51,18 @@ def settings() -> dict:
     except (TypeError, ValueError):
         pool = DEFAULT_POOL
     return {"enabled": bool(enabled), "pool": pool}
+
+
+@contextlib.contextmanager
+def left_as_found():
+    """Stop the node's factory on the way out if it was not running on the way in: a test
+    run or a benchmark whose clients started it must not leave its pooled VMs behind."""
+    was_running = os.path.exists(path(SOCKET))
+    try:
+        yield
+    finally:
+        if not was_running and os.path.exists(path(SOCKET)):
+            import subprocess
+            import sys
+            subprocess.run([sys.executable, "-m", "runv_py.cli", "factory", "stop"],
+                           capture_output=True, timeout=120)
