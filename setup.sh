@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 PACKAGES="qemu-system-x86 busybox-static cpio linux-source-6.1 bc bison flex libelf-dev
 libssl-dev build-essential python3.11-minimal libpython3.11-minimal libpython3.11-stdlib
 runc containerd libseccomp2 podman buildah docker.io containernetworking-plugins iproute2
-procps iptables catatonit"
+procps iptables catatonit criu"
 PYTHON="${PYTHON:-python3}"
 
 missing=""

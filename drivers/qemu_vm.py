@@ -160,11 +160,12 @@ class QemuVM:
 
     # ---- templates ------------------------------------------------------------------
 
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str, ignore_shared: bool = True) -> None:
         """Stop the guest and write its device state to ``path``. With the RAM in a
-        shared file, x-ignore-shared leaves it out: the state is tens of KB."""
+        shared file, x-ignore-shared leaves it out: the state is tens of KB. Without it
+        (a checkpoint) the guest's RAM is in the file too."""
         self.qmp_command("stop")
-        self._ignore_shared_memory()
+        self._ignore_shared_memory(ignore_shared)
         # Through an fd: a jailed QEMU can neither open the path nor run `cat` (spawn=deny).
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -179,9 +180,10 @@ class QemuVM:
             return status == "completed"
         self._poll(completed, "saving the VM state", interval=0.005)
 
-    def load_state(self, path: str) -> None:
+    def load_state(self, path: str, ignore_shared: bool = True) -> None:
         """Load ``path`` into this incoming VM (launched with ``incoming``) and run it."""
-        self._ignore_shared_memory()  # QEMU refuses the state of a VM saved with it otherwise
+        # As it was saved: QEMU refuses the state of a VM saved with x-ignore-shared otherwise.
+        self._ignore_shared_memory(ignore_shared)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -208,9 +210,20 @@ class QemuVM:
         self.qmp_command("getfd", fdname=name)
         return name
 
-    def _ignore_shared_memory(self) -> None:
+    def _ignore_shared_memory(self, ignore: bool = True) -> None:
         self.qmp_command("migrate-set-capabilities",
-                         capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                         capabilities=[{"capability": "x-ignore-shared", "state": ignore}])
+
+    def devices(self) -> dict:
+        """What a VM restored from this one's state must have as well: its RAM in a file
+        (a template's clone) or not, and its number of NICs (read from QEMU's argv)."""
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError as e:
+            raise DriverError(f"cannot read QEMU's command line: {e}") from None
+        return {"memory_file": any(a.startswith("memory-backend-file,") for a in argv),
+                "nics": sum(a.startswith("virtio-net-device,") for a in argv)}
 
     def _poll(self, done, what: str, interval: float, timeout: float = MIGRATE_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout

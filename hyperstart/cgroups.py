@@ -151,6 +151,12 @@ class GuestCgroups:
             except OSError:
                 pass
 
+    def rename(self, cid: str, new_id: str) -> None:
+        """A restored container's new id: its cgroup keeps its directory."""
+        for table in (self.paths, self.devices):
+            if cid in table:
+                table[new_id] = table.pop(cid)
+
     def path(self, cid: str) -> str:
         try:
             return self.paths[cid]

@@ -13,12 +13,16 @@ import _signal as signal
 
 from . import messages as m
 from . import protocol as p
-from . import states
+from . import rootfs, states
+from . import syscalls as sc
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .model import Container, Process
 from .rootfs import secure_join
 from . import network
 from .spawn import Spawner, make_stdio, set_winsize
+
+# Where checkpointable containers' files live in guest memory, a tmpfs each.
+GUEST_ROOTS = "/run/runv/rootfs"
 
 
 class Commands:
@@ -40,6 +44,8 @@ class Commands:
             p.STREAMCLOSED: self.stream_closed,
             p.SETUPINTERFACE: self.setup_interface, p.SETUPROUTE: self.setup_route,
             p.ONLINECPUMEM: self.online_cpu_mem, p.FORWARDPORT: self.forward_port,
+            p.RELEASESHARE: self.release_share, p.RESETNETWORK: self.reset_network,
+            p.RENAMECONTAINER: self.rename_container,
         }
 
     def container(self, cid: str) -> Container:
@@ -93,20 +99,27 @@ class Commands:
             raise InvalidArgument(f"bad container id {cid!r}")
         if cid in self.containers:
             raise AlreadyExists(f"container {cid!r} already exists")
+        self.platform.remount_share()  # released for a checkpoint the VM outlived
         root = msg.rootfs if msg.rootfs.startswith("/") else \
             os.path.join(self.platform.share_dir, msg.rootfs)
         if not os.path.isdir(root):
             raise NotFound(f"rootfs {root} is not a directory")
         shared = {kind: self.running_init(other, kind) for kind, other in msg.share.items()}
+        if msg.rootfs_in_guest:
+            root = self.copy_in(msg, root)
         container = Container(msg, root)
         if any(mnt.volume for mnt in msg.mounts):
             self.platform.mount_volumes()
-        self.cgroups.create(cid, msg.limits, msg.device_rules)
         proc = Process(container, msg.process)
         try:
-            self.spawner.spawn(proc, init=True, wait=msg.wait, shared=shared)
+            self.cgroups.create(cid, msg.limits, msg.device_rules)
+            try:
+                self.spawner.spawn(proc, init=True, wait=msg.wait, shared=shared)
+            except Exception:
+                self.cgroups.remove(cid)
+                raise
         except Exception:
-            self.cgroups.remove(cid)
+            self.drop_copy(container)
             raise
         container.init = proc
         container.processes[proc.id] = proc
@@ -116,6 +129,51 @@ class Commands:
             container.state.to(states.RUNNING, "start")
             proc.state.to(states.RUNNING, "start")
         return m.PidReply(pid=proc.pid)
+
+    def copy_in(self, msg: m.NewContainer, root: str) -> str:
+        """A checkpointable container: its files copied into guest memory (rootfs.py)."""
+        if not self.platform.copies_rootfs:
+            raise InvalidArgument("only a VM's guest can hold a container's rootfs in memory")
+        base = os.path.join(GUEST_ROOTS, msg.id)
+        try:
+            root, msg.mounts = rootfs.copy_into_guest(base, root, msg.mounts,
+                                                      self.platform.share_dir)
+        except BaseException:
+            self.drop_copy_at(base)
+            raise
+        return root
+
+    def drop_copy(self, container: Container) -> None:
+        if container.request.rootfs_in_guest:
+            self.drop_copy_at(os.path.join(GUEST_ROOTS, container.request.id))
+
+    @staticmethod
+    def drop_copy_at(base: str) -> None:
+        if os.path.ismount(base):
+            sc.umount(base, sc.MNT_DETACH)
+        try:
+            os.rmdir(base)
+        except OSError:
+            pass
+
+    def release_share(self, msg: m.ReleaseShare) -> None:
+        self.platform.release_share()
+        return None
+
+    def reset_network(self, msg: m.ResetNetwork) -> None:
+        self.platform.reset_network()
+        return None
+
+    def rename_container(self, msg: m.RenameContainer) -> None:
+        container = self.container(msg.container)
+        if not msg.new_id or "/" in msg.new_id or msg.new_id in (".", ".."):
+            raise InvalidArgument(f"bad container id {msg.new_id!r}")
+        if msg.new_id in self.containers:
+            raise AlreadyExists(f"container {msg.new_id!r} already exists")
+        self.containers[msg.new_id] = self.containers.pop(container.id)
+        self.cgroups.rename(container.id, msg.new_id)
+        container.id = msg.new_id   # its copy's directory keeps the request's id
+        return None
 
     def running_init(self, cid: str, kind: str) -> int:
         """The pid of ``cid``'s init, whose ``kind`` namespace a new container joins."""
@@ -209,6 +267,7 @@ class Commands:
                 proc.start_gate = -1
             self.agent.untrack(proc)
         self.cgroups.remove(container.id)
+        self.drop_copy(container)
         del self.containers[container.id]
         return None
 

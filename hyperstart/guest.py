@@ -10,7 +10,7 @@ from . import protocol as p
 from . import syscalls as sc
 from .agent import Agent, log
 from .cgroups import GUEST_ROOT, GuestCgroups
-from .errors import Unavailable
+from .errors import FailedPrecondition, Unavailable
 
 SHARE_DIR = "/run/runv/share"
 # The share's volumes/ (runv_py/sandbox/share.py's Volumes), bound once as a shared mount:
@@ -36,15 +36,19 @@ class GuestPlatform:
         self.cgroups = GuestCgroups()
         self.share_dir = SHARE_DIR
         self.share_mounted = False
+        self.share_source = None  # (tag, kind) once mounted: to mount it again
         self.volumes_dir = VOLUMES_DIR
         self.volumes_mounted = False
 
     def set_hostname(self, name: str) -> None:
         sc.sethostname(name)
 
+    copies_rootfs = True      # checkpointable containers' files live in guest memory
+
     def mount_share(self, tag: str, kind: str = "9p") -> None:
         if self.share_mounted:
             return
+        self.share_source = (tag, kind)
         os.makedirs(SHARE_DIR, exist_ok=True)
         if kind == "virtiofs":
             sc.mount(tag, SHARE_DIR, "virtiofs", 0, None)
@@ -52,6 +56,22 @@ class GuestPlatform:
             sc.mount(tag, SHARE_DIR, "9p", 0,
                      "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client")
         self.share_mounted = True
+
+    def release_share(self) -> None:
+        """Unmount the share (and the volumes bound from it); EBUSY while a container's
+        files are on it."""
+        for point, mounted in ((VOLUMES_DIR, self.volumes_mounted), (SHARE_DIR, self.share_mounted)):
+            if mounted:
+                try:
+                    sc.umount(point)
+                except OSError as e:
+                    raise FailedPrecondition(f"the share is in use in the guest ({e}): a "
+                                             "container's files are on it") from None
+        self.share_mounted = self.volumes_mounted = False
+
+    def remount_share(self) -> None:
+        if not self.share_mounted and self.share_source:
+            self.mount_share(*self.share_source)
 
     def mount_volumes(self) -> None:
         if self.volumes_mounted:
@@ -73,6 +93,9 @@ class GuestPlatform:
 
     def setup_interface(self, msg) -> None:
         network.setup_interface(msg)
+
+    def reset_network(self) -> None:
+        network.reset()
 
     def setup_routes(self, msg) -> None:
         network.setup_routes(msg)

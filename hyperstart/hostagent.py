@@ -47,8 +47,16 @@ class HostPlatform:
     def set_hostname(self, name: str) -> None:
         sc.sethostname(name)  # our own UTS namespace
 
+    copies_rootfs = False     # no guest memory to hold files, no VM to checkpoint
+
     def mount_share(self, tag: str, kind: str = "") -> None:
         pass
+
+    def remount_share(self) -> None:
+        pass
+
+    def release_share(self) -> None:
+        raise FailedPrecondition("a namespace sandbox cannot be checkpointed")
 
     def mount_volumes(self) -> None:
         pass  # binds straight from the share: propagation within each container only
@@ -62,7 +70,7 @@ class HostPlatform:
     def setup_interface(self, msg) -> None:
         raise FailedPrecondition("the host agent is in the pod's network namespace already")
 
-    setup_routes = setup_interface
+    setup_routes = reset_network = setup_interface
 
 
 

@@ -206,6 +206,9 @@ class NewContainer:
     # Namespaces joined rather than made: type (ipc, uts, pid) -> the container whose
     # init's namespace it is (a pod's sandbox container).
     share: dict[str, str] = {}
+    # The rootfs and the files bound from the share are copied into guest memory, and
+    # the container's mounts hold nothing of the share: the VM can be checkpointed.
+    rootfs_in_guest: bool = False
 
 
 @message(code=p.STARTCONTAINER)
@@ -301,6 +304,25 @@ class SetupInterface:
 @message(code=p.SETUPROUTE)
 class SetupRoute:
     routes: list[Route] = []
+
+
+@message(code=p.RELEASESHARE)
+class ReleaseShare:
+    """Unmount the sandbox's share in the guest: QEMU 7.2 will not save a VM while its
+    guest has a 9p share mounted. Refused while anything uses it."""
+
+
+@message(code=p.RESETNETWORK)
+class ResetNetwork:
+    """Drop the addresses and routes of every NIC: a restored VM takes its new
+    network's (SetupInterface, SetupRoute follow)."""
+
+
+@message(code=p.RENAMECONTAINER)
+class RenameContainer:
+    """A container restored under another id (podman's restore --name) goes by it."""
+    container: str
+    new_id: str
 
 
 @message(code=p.ONLINECPUMEM)

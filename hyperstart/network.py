@@ -93,6 +93,14 @@ def setup_interface(msg) -> None:
     ip("link", "set", "dev", name, "up")
 
 
+def reset() -> None:
+    """Every NIC down, without addresses or routes (a restored VM's old network)."""
+    for name in sorted(os.listdir("/sys/class/net")):
+        if name != "lo":
+            ip("link", "set", "dev", name, "down")
+            ip("addr", "flush", "dev", name)
+
+
 def setup_routes(msg) -> None:
     """Routes without a gateway first: a gateway must be reachable when its route is
     added, or the kernel says "Network unreachable"."""

@@ -46,6 +46,9 @@ RESEED = 65
 STARTCONTAINER = 66
 STREAMCLOSED = 67
 FORWARDPORT = 68
+RELEASESHARE = 69
+RESETNETWORK = 70
+RENAMECONTAINER = 71
 
 CODE_NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int) and k != "VERSION"}
 

@@ -92,8 +92,16 @@ def setup_rootfs(request: m.NewContainer, root: str, share_dir: str,
     # runc's first step: the whole namespace takes rootfsPropagation (rslave unless
     # asked), so the volumes' mount stays a peer of the agent's only when it is shared.
     sc.mount(None, "/", None, propagation)
-    share_mount = _mount_point(share_dir)
-    sc.mount(None, share_mount, None, sc.MS_SHARED)
+    if request.rootfs_in_guest:
+        # Its files are copies in guest memory: its namespace keeps nothing of the share,
+        # which the agent can then unmount for a checkpoint.
+        for point in (volumes_dir, share_dir):
+            if point and os.path.ismount(point):
+                sc.umount(point, sc.MNT_DETACH)
+        share_mount = None
+    else:
+        share_mount = _mount_point(share_dir)
+        sc.mount(None, share_mount, None, sc.MS_SHARED)
     sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC)   # a peer of the share
     sc.mount(None, root, None, propagation)
     mounts = list(request.mounts)
@@ -123,7 +131,8 @@ def setup_rootfs(request: m.NewContainer, root: str, share_dir: str,
     os.chdir(root)
     # A mount whose parent is shared (the share) cannot move, nor move onto a shared one
     # (the old root); the root and the bind mounts stay peers of one another.
-    sc.mount(None, share_mount, None, sc.MS_PRIVATE)
+    if share_mount:
+        sc.mount(None, share_mount, None, sc.MS_PRIVATE)
     sc.mount(None, "/", None, sc.MS_PRIVATE)
     sc.mount(root, "/", None, sc.MS_MOVE)
     os.chroot(".")
@@ -216,6 +225,40 @@ def mount_tmpfs_copy_up(target: str, flags: int, data) -> None:
     copy_tree(target, scratch)
     sc.mount(scratch, target, None, sc.MS_MOVE)
     os.rmdir(scratch)
+
+
+def copy_into_guest(base: str, source_root: str, mounts, share_dir: str) -> tuple:
+    """A checkpointable container's files: its rootfs and what it binds from the share,
+    copied into a tmpfs of its own at ``base``; returns (root, mounts) to use instead."""
+    os.makedirs(base, exist_ok=True)
+    sc.mount("tmpfs", base, "tmpfs", 0, "mode=700")
+    root = os.path.join(base, "rootfs")
+    _copy_entry(source_root, root)
+    copied = []
+    for i, mnt in enumerate(mounts):
+        if mnt.volume:
+            raise InvalidArgument(f"{mnt.destination}: a pod volume cannot be copied into a "
+                                  "checkpointable container")
+        if mnt.shared:
+            source = os.path.join(base, f"mount-{i}")
+            _copy_entry(secure_join(share_dir, mnt.source), source)
+            mnt = m.Mount(destination=mnt.destination, type=mnt.type, source=source,
+                          options=mnt.options)
+        copied.append(mnt)
+    return root, copied
+
+
+def _copy_entry(source: str, dest: str) -> None:
+    st = os.stat(source)
+    if os.path.isdir(source):
+        os.mkdir(dest)
+        copy_tree(source, dest)
+    else:
+        with open(source, "rb") as src, open(dest, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+    os.chown(dest, st.st_uid, st.st_gid)
+    os.chmod(dest, st.st_mode & 0o7777)
 
 
 def copy_tree(source: str, target: str) -> None:

@@ -5,6 +5,8 @@ runtime started by podman or docker) are told. One table at the top level:
 - the shim v2's VMs: ``kernel``, ``initrd``, ``driver``, ``default_cpus``,
   ``default_memory`` (MiB), ``template``, ``factory_policy``, ``share`` (9p, virtiofs);
 - the node's VM factory: ``factory`` (on by default), ``factory_pool``;
+- checkpointable containers (their files in guest memory): ``checkpoint`` (off by
+  default; the annotation io.github.runv-py.checkpoint decides per container);
 - the VMM jail: ``jail`` (on by default; read by drivers/jail.py, which may import
   nothing of ours, from the same file).
 
@@ -16,7 +18,7 @@ from . import paths
 from .hyperstart.errors import InvalidArgument
 
 KNOWN = ("kernel", "initrd", "driver", "default_cpus", "default_memory", "template",
-         "factory_policy", "share", "factory", "factory_pool", "jail")
+         "factory_policy", "share", "factory", "factory_pool", "jail", "checkpoint")
 
 
 def node_file(environ=os.environ) -> tuple:

@@ -1,11 +1,11 @@
-"""The rest of runc's command line: update, events, features, and the checkpoint and
-restore that a VM runtime refuses. The body of events is hot.py's (see fast.py)."""
+"""The rest of runc's command line: update, events, features, checkpoint and restore
+(checkpoint.py). The body of events is hot.py's (see fast.py)."""
 import json
 import sys
 
 import click
 
-from . import fail, hot, runtime_errors
+from . import hot, runtime_errors
 
 MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -85,15 +85,7 @@ def features():
     click.echo(json.dumps(f.features(), indent=4))
 
 
-def refuse(name: str):
-    @click.command(name, context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args):
-        fail(f"{name} is not supported: a container's state is its VM's")
-    command.__doc__ = f"Not supported by a VM runtime ({name})."
-    return command
-
-
 def register(group: click.Group) -> None:
-    for command in (update, events, features, refuse("checkpoint"), refuse("restore")):
+    from .checkpoint import checkpoint, restore
+    for command in (update, events, features, checkpoint, restore):
         group.add_command(command)

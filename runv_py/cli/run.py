@@ -35,8 +35,10 @@ class RawTerminal:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
 
 
-def run_foreground(root: str, cid: str, bundle_path: str, shim_args: dict) -> int:
-    """Run the bundle's process to completion; returns its exit status."""
+def run_foreground(root: str, cid: str, bundle_path: str, shim_args: dict,
+                   restore_from: str = "") -> int:
+    """Run the bundle's process to completion (or, ``restore_from`` a checkpoint, the
+    restored one); returns its exit status."""
     from ..oci import bundle as oci
     from ..shim import lifecycle
     bundle = oci.load(bundle_path)
@@ -44,10 +46,12 @@ def run_foreground(root: str, cid: str, bundle_path: str, shim_args: dict) -> in
     try:
         with RawTerminal(enabled=bundle.terminal and os.isatty(0)):
             pid = lifecycle.create(root, cid, bundle_path, tty_on_stdio=bundle.terminal,
-                                   die_with_parent=True, **shim_args)
+                                   die_with_parent=True, restore_from=restore_from,
+                                   **shim_args)
             created = True
             forward_signals(root, cid, bundle.terminal)
-            lifecycle.start(root, cid)
+            if not restore_from:
+                lifecycle.start(root, cid)
             status = wait_child(pid)
     finally:
         for sig in FORWARDED_SIGNALS + (signal.SIGWINCH,):

@@ -79,6 +79,7 @@ class Container:
         self.processes: Dict[str, Process] = {}
         self.mounts: List[str] = []   # host bind mounts into the share, innermost last
         self.volumes: List[str] = []  # keys of the sandbox's volumes it holds
+        self.rootfs_in_guest = False  # its files copied into guest memory: checkpointable
 
     def process(self, exec_id: str = "") -> Process:
         proc = self.processes.get(exec_id or "init")

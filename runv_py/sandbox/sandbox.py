@@ -103,15 +103,18 @@ class Sandbox:
 
     def create_container(self, cid: str, bundle: Bundle, io: ProcessIO, host_pid: int = 0,
                          console_size: Optional[tuple] = None, shared: dict = None,
-                         rootfs_tree: int = -1) -> Container:
+                         rootfs_tree: int = -1, rootfs_in_guest: bool = False) -> Container:
         """Create ``cid`` from ``bundle`` with its init held until start_container; the
         namespaces in ``shared`` (type -> container id) are that container's. The rootfs
-        is ``rootfs_tree`` if given (a detached mount, maybe from another namespace)."""
+        is ``rootfs_tree`` if given (a detached mount, maybe from another namespace).
+        With ``rootfs_in_guest`` its files are copied into guest memory, so that the VM
+        can be checkpointed (checkpoint.py)."""
         with self.lock:
             if cid in self.containers:
                 close_io(io)  # ours from the call on, as exec's
                 raise AlreadyExists(f"container {cid!r} already exists")
             container = self.containers[cid] = Container(cid, bundle, host_pid)
+            container.rootfs_in_guest = rootfs_in_guest
         init, pumping = None, False
         try:
             rootfs = os.path.join(cid, "rootfs")
@@ -128,7 +131,8 @@ class Sandbox:
             reply = self.agent.call(m.NewContainer(
                 id=cid, rootfs=rootfs, process=init.spec, readonly=bundle.readonly,
                 hostname=bundle.hostname, mounts=mounts, limits=cgroup_limits(bundle.resources),
-                wait=True, share=dict(shared or {}), **container_fields(bundle.spec)))
+                wait=True, share=dict(shared or {}), rootfs_in_guest=rootfs_in_guest,
+                **container_fields(bundle.spec)))
             init.pid = reply.pid
             container.init = init
             container.state.to(states.CREATED, "create")

@@ -37,10 +37,12 @@ def load(root: str, cid: str) -> Record:
 def create(root: str, cid: str, bundle_path: str, config: dict, driver: str = "",
            console_socket: str = "", stdio_paths=(), tty_on_stdio: bool = False,
            factory_policy=None, template_dir: str = "", die_with_parent: bool = False,
-           pid_file: str = "", log_file: str = "", log_format: str = "text") -> int:
+           pid_file: str = "", log_file: str = "", log_format: str = "text",
+           restore_from: str = "") -> int:
     """Start the container's shim (which boots its VM and creates it); returns the
     container's host pid. ``config`` holds BootConfig fields; the bundle's resources
-    size the VM."""
+    size the VM. With ``restore_from`` (a checkpoint's directory) the shim restores
+    the container's VM from it instead, and the container runs."""
     from ..oci.resources import vm_size
     from .params import ShimParams
     oci.check_id(cid)
@@ -54,7 +56,7 @@ def create(root: str, cid: str, bundle_path: str, config: dict, driver: str = ""
                         console_socket=console_socket, tty_on_stdio=tty_on_stdio,
                         factory_policy=factory_policy, template_dir=template_dir,
                         die_with_parent=die_with_parent, log_file=log_file,
-                        log_format=log_format)
+                        log_format=log_format, restore_from=restore_from)
     stdio_fds = open_stdio(stdio_paths)
     try:
         params.state_dir = statedir.create(root, cid)
@@ -138,6 +140,22 @@ def pause(root: str, cid: str) -> None:
 def resume(root: str, cid: str) -> None:
     from . import protocol as p
     _locked_call(root, cid, p.Resume())
+
+
+def checkpoint(root: str, cid: str, image_path: str, leave_running: bool = False) -> None:
+    """Save the running container's VM in ``image_path`` (sandbox/checkpoint.py); it
+    stops, and its shim is gone on return, unless ``leave_running``."""
+    from . import protocol as p
+    from .client import ShimClient
+    record = load(root, cid)
+    with Lock(record.path):
+        record = load(root, cid)
+        if record.status != states.RUNNING:
+            raise FailedPrecondition(f"cannot checkpoint a container that is {record.status}")
+        ShimClient(record, timeout=SPAWN_TIMEOUT).call(
+            p.Checkpoint(image_path=os.path.abspath(image_path), leave_running=leave_running))
+        if not leave_running:
+            hostproc.wait_gone(record.shim_pid, 10.0)
 
 
 def kill_shim(record: Record, timeout: float = 5.0) -> None:

@@ -18,6 +18,7 @@ class ShimParams:
     die_with_parent: bool = False      # `run` in the foreground: gone with its caller
     log_file: str = ""                 # the caller's --log (else shim.log in state_dir)
     log_format: str = "text"
+    restore_from: str = ""             # a checkpoint's directory: restore, do not boot
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

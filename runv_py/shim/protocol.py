@@ -109,6 +109,14 @@ class Shutdown(Request):
     """End the sandbox now (its containers stop as if the VM died)."""
 
 
+@request("checkpoint")
+class Checkpoint(Request):
+    """Save the sandbox's VM in ``image_path`` (sandbox/checkpoint.py); the container
+    stops, as runc's does, unless ``leave_running``."""
+    image_path: str = ""
+    leave_running: bool = False
+
+
 @request("join")
 class Join(Request):
     """Create ``container`` in this sandbox's VM, a pod member (shim/member.py): its

@@ -19,8 +19,11 @@ from ..hyperstart.errors import FailedPrecondition, NotFound, RunvError, Unavail
 from ..oci import bundle as oci
 from ..oci.state import now_rfc3339
 from ..host import proc as hostproc
-from ..sandbox import VM_DIED_STATUS, Container, ProcessIO, Sandbox, private_mount_namespace
+from ..sandbox import checkpoint
+from ..sandbox import VM_DIED_STATUS, Container, ProcessIO, Sandbox
 from . import member
+from .checkpoint import op_checkpoint, restore
+from .namespaces import enter_namespaces
 from . import protocol as p
 from .params import ShimParams
 from .records import SHIM_SOCKET, Record
@@ -78,50 +81,38 @@ class ShimServer:
     # ---- start-up -------------------------------------------------------------------
 
     def boot(self) -> None:
-        from ..drivers import probe
-        from ..factory.client import for_shim
-        from ..host import specns
-        from ..net import network_for
         from ..vm.boot import BootConfig
+        config = BootConfig(**self.params.config)
+        if self.params.restore_from:
+            return restore(self, config)
         infra = member.find_infra(os.path.dirname(self.path), self.bundle.spec, self.cid)
         if infra is not None:
             return member.join(self, infra)
+        from ..drivers import probe
+        from ..factory.client import for_shim
         params = self.params
-        config = BootConfig(**params.config)
         factory = for_shim(probe(params.driver), config, params.factory_policy, params.template_dir)
-        self.join_host_cgroup()
-        private_mount_namespace()
-        network = network_for(self.bundle.spec)
-        if network is not None:
-            self.update(netns=network.netns)  # recorded first: delete releases it
-        specns.enter(self.bundle.spec, self.bundle.hostname)  # our pid is the container's
-        if network is None and getattr(factory, "late_network", False) \
-                and params.driver != "namespace":
-            from ..net.late import LateNetwork  # runc's: configured between create and start
-            network = LateNetwork(f"/proc/{os.getpid()}/ns/net")
+        network = enter_namespaces(self, getattr(factory, "late_network", False))
         self.sandbox = Sandbox.boot(self.cid, factory, config, self.path,
                                     hostname=self.bundle.hostname, network=network)
+        self.took_sandbox(network)
+        self.container = self.sandbox.create_container(
+            self.cid, self.bundle, self.init_io(), host_pid=os.getpid(),
+            console_size=terminal_size(0) if params.tty_on_stdio else None,
+            rootfs_in_guest=checkpoint.wanted(self.bundle, self.sandbox))
+        self.took_container()
+
+    def took_sandbox(self, network) -> None:
         self.record.qemu_pid = self.sandbox.vm.pid
         if self.record.netns:
             self.update(taps=[i.tap for i in getattr(network, "attached", [])])
         if self.host_cgroup is not None:
             self.host_cgroup.pin(self.sandbox.vm)
         self.sandbox.listeners.append(self.on_exit)
-        self.container = self.sandbox.create_container(
-            self.cid, self.bundle, self.init_io(), host_pid=os.getpid(),
-            console_size=terminal_size(0) if params.tty_on_stdio else None)
+
+    def took_container(self) -> None:
         self.container.state.listeners.append(lambda old, new: self.update(status=new))
         self.update(status=self.container.state.status)
-
-    def join_host_cgroup(self) -> None:
-        """linux.cgroupsPath on the host: this shim, and so its QEMU, lives there."""
-        if not self.bundle.cgroups_path:
-            return
-        from ..host.cgroups import HostCgroup
-        cgroup = HostCgroup.for_path(self.bundle.cgroups_path)
-        self.update(host_cgroups=cgroup.dirs)  # recorded first: delete removes them
-        cgroup.enter(self.bundle.resources, self.params.config["memory_mib"])
-        self.host_cgroup = cgroup
 
     def init_io(self) -> ProcessIO:
         """The init's stdio: ours (inherited from create), or a pty for a terminal."""
@@ -281,6 +272,7 @@ class ShimServer:
                 self.host_cgroup.update(req.resources or {}, self.sandbox.vm)
         return {}
 
+    op_checkpoint = op_checkpoint
     op_join = member.op_join      # a pod member's container into our VM
     op_leave = member.op_leave
 

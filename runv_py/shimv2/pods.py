@@ -98,8 +98,40 @@ class Pod:
             close_io(io)
             raise
         shared = {kind: self.sandbox.id for kind in shared_namespaces(bundle.spec)} if joins else {}
+        from ..sandbox import checkpoint
         return self.sandbox.create_container(cid, bundle, io, host_pid=host_pid_of(self.sandbox),
-                                             shared=shared)
+                                             shared=shared,
+                                             rootfs_in_guest=checkpoint.wanted(bundle, self.sandbox))
+
+    def restore(self, cid: str, bundle, image_dir: str, io) -> "Container":
+        """``cid`` restored from a checkpoint (containerd's CreateTaskRequest.checkpoint)
+        into a VM of its own; ``io`` is the pod's from now on, also when this fails."""
+        from ..drivers import probe
+        from ..net import network_for
+        from ..sandbox import Sandbox, checkpoint, close_io
+        from ..vm.boot import BootConfig
+        try:
+            if self.sandbox is not None or sandbox_of(bundle.annotations):
+                raise FailedPrecondition("a checkpoint is restored into a VM of its own, "
+                                         "not into a running pod")
+            config = BootConfig(**self.config.boot_config())
+            meta = checkpoint.read(image_dir, config)
+            size = meta["config"]
+            self.join_host_cgroup(bundle, size["max_memory_mib"] or size["memory_mib"])
+            os.makedirs(self.workdir, exist_ok=True)
+        except BaseException:
+            close_io(io)
+            raise
+        self.sandbox = checkpoint.restore(Sandbox, cid, probe(self.config.driver), meta,
+                                          image_dir, config, self.workdir,
+                                          network_for(bundle.spec), bundle, io, 0)
+        self.sandbox.listeners.append(self.on_exit)
+        if self.cgroup is not None:
+            self.cgroup.pin(self.sandbox.vm)
+        container = self.sandbox.container(cid)
+        container.host_pid = self.sandbox.vm.pid
+        self.needs[cid] = asked(bundle.resources)
+        return container
 
     def boot(self, cid: str, bundle):
         from ..net import network_for

@@ -23,7 +23,7 @@ from ..hyperstart.errors import (AlreadyExists, FailedPrecondition, InvalidArgum
 from ..oci import bundle as oci
 from ..oci.bundle import check_id
 from ..sandbox import VM_DIED_STATUS, Container, Process, Sandbox
-from ..ttrpc import UNIMPLEMENTED, TtrpcError
+from ..ttrpc import TtrpcError
 from . import metrics, stdio
 from .rootfs import mount_rootfs
 from .config import ShimConfig
@@ -134,8 +134,6 @@ class TaskService:
         with self.lock:
             if req.id in self.inits:
                 raise AlreadyExists(f"container {req.id} already exists")
-            if req.checkpoint:
-                raise TtrpcError(UNIMPLEMENTED, "runv-py cannot restore checkpoints")
             mount_rootfs(req.bundle, list(req.rootfs))
             task = Task(req.id, "", req.stdin, req.stdout, req.stderr, req.terminal, req.bundle)
             try:
@@ -144,14 +142,16 @@ class TaskService:
                                       task.relays)
                 # The task's pid is the VM's: CRI points a pod's containers' namespaces
                 # at the sandbox task's pid, and the VM is what runs them all.
-                container = self.pod.create(req.id, bundle, io, lambda sandbox: sandbox.vm.pid)
+                container = self.pod.restore(req.id, bundle, req.checkpoint, io) \
+                    if req.checkpoint else \
+                    self.pod.create(req.id, bundle, io, lambda sandbox: sandbox.vm.pid)
                 task.pid = container.host_pid
             except BaseException:
                 task.finished(VM_DIED_STATUS)
                 self.end_sandbox_if_empty()
                 syscalls.unmount_below(os.path.join(req.bundle, "rootfs"))
                 raise
-            task.process = container.init
+            task.process, task.restored = container.init, bool(req.checkpoint)
             self.inits[req.id] = task
         with open(os.path.join(self.workdir, TASK_FILE), "w") as f:
             json.dump({"pid": task.pid}, f)
@@ -187,7 +187,8 @@ class TaskService:
         task = self.task(req.id, req.exec_id)
         if req.exec_id:
             return pb.StartResponse(pid=self.start_exec(task))
-        self.sandbox.start_container(req.id)
+        if not task.restored:  # a restored task runs from its Create on
+            self.sandbox.start_container(req.id)
         self.events.publish("/tasks/start", pb.TaskStart(container_id=req.id, pid=task.pid))
         return pb.StartResponse(pid=task.pid)
 
@@ -323,7 +324,15 @@ class TaskService:
         return pb.Empty()
 
     def checkpoint(self, req) -> pb.Empty:
-        raise TtrpcError(UNIMPLEMENTED, "runv-py cannot checkpoint a VM container")
+        """`ctr task checkpoint`: the VM saved in ``req.path`` (sandbox/checkpoint.py);
+        containerd paused the task first and resumes it (the options are runc's)."""
+        from ..sandbox import checkpoint
+        self.task(req.id)
+        if req.id != self.sandbox.id or len(self.inits) != 1:
+            raise FailedPrecondition("a pod's VM holds other containers: it cannot be "
+                                     "checkpointed for one of them")
+        checkpoint.save(self.sandbox, req.path, leave_running=True)
+        return pb.Empty()
 
     def resize_pty(self, req) -> pb.Empty:
         task = self.task(req.id, req.exec_id)

@@ -27,6 +27,7 @@ class Task:
         self.exited_at = 0.0
         self.done = threading.Event()
         self.relays: list = []    # StdinRelay: the stdin FIFO copied into the process
+        self.restored = False      # Create restored it from a checkpoint: it runs
         self.stdin_closed = False  # CloseIO came (maybe before the process started)
 
     @property

@@ -16,6 +16,17 @@ from ..hyperstart import protocol as p
 from ..hyperstart.errors import Internal, RunvError, Unavailable, from_code
 
 
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s receive queue (SIOCINQ)."""
+    import fcntl
+    import struct
+    import termios
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    except OSError:
+        return 0
+
+
 class AgentGone(Unavailable):
     """The channel to the agent closed: the VM stopped or died."""
 
@@ -28,7 +39,10 @@ class _Waiter:
 
 
 class AgentClient:
-    def __init__(self, control: socket.socket, stream: socket.socket):
+    def __init__(self, control: socket.socket, stream: socket.socket, first_seq: int = 1,
+                 leftovers: tuple = (b"", b"")):
+        """``first_seq`` and ``leftovers`` (the bytes of a frame each channel had begun)
+        continue a checkpointed client's streams (sandbox/checkpoint.py)."""
         self.control = control
         self.stream = stream
         self.send_lock = threading.Lock()
@@ -40,7 +54,10 @@ class AgentClient:
         self.sinks = {}          # seq -> callable(bytes); b"" is end-of-file
         self.eofs = set()        # sequences whose end-of-file has arrived
         self.event_callbacks = []
-        self._next_seq = 1
+        self._next_seq = first_seq
+        self.readers = (p.FrameReader(p.CONTROL_HEADER), p.FrameReader(p.STREAM_HEADER))
+        for reader, begun in zip(self.readers, leftovers):
+            reader.buffer += begun
         for target, name in ((self._read_control, "agent-control"),
                              (self._read_stream, "agent-stream")):
             threading.Thread(target=target, name=name, daemon=True).start()
@@ -78,7 +95,7 @@ class AgentClient:
         return m.decode(reply_class, waiter.payload) if reply_class else None
 
     def _read_control(self) -> None:
-        reader = p.FrameReader(p.CONTROL_HEADER)
+        reader = self.readers[0]
         try:
             while True:
                 data = self.control.recv(65536)
@@ -144,6 +161,22 @@ class AgentClient:
             self._next_seq += 1
             return seq
 
+    def next_seq(self) -> int:
+        with self.stream_lock:
+            return self._next_seq
+
+    def quiesce(self, quiet: float = 0.1, timeout: float = 5.0) -> tuple:
+        """With the VM stopped: read what the guest had sent until both channels stay
+        quiet for ``quiet`` seconds; returns the bytes of the frames each had begun."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            before = [len(r.buffer) for r in self.readers]
+            waiting = [_unread(sock) for sock in (self.control, self.stream)]
+            time.sleep(quiet)
+            if not any(waiting) and before == [len(r.buffer) for r in self.readers]:
+                break
+        return tuple(bytes(r.buffer) for r in self.readers)
+
     def attach(self, seq: int, sink) -> None:
         """Send the output of stream ``seq`` to ``sink(bytes)`` (b"" at end-of-file)."""
         with self.cond:
@@ -165,7 +198,7 @@ class AgentClient:
             pass
 
     def _read_stream(self) -> None:
-        reader = p.FrameReader(p.STREAM_HEADER)
+        reader = self.readers[1]
         try:
             while True:
                 data = self.stream.recv(262144)

@@ -1,0 +1,283 @@
+"""Checkpoint and restore of a sandbox: its whole VM (guest RAM and device state) in
+a directory, and a new VM that goes on from it.
+
+QEMU 7.2 will not save a VM whose guest has a 9p share mounted, nor one with a
+vhost-user-fs device at all. So a checkpointable container's files are copied into guest
+memory when it is created (NewContainer.rootfs_in_guest), and at the checkpoint the
+agent unmounts the share (ReleaseShare). What the checkpoint holds:
+
+- ``vm.state``: QEMU's migration stream, guest RAM included: the processes, their
+  memory, the container's files (they live in guest memory), sockets, the guest kernel;
+- ``runv-py.json``: what a restore needs besides: the VM's sizes and devices, the
+  kernel's and initrd's digests (another kernel cannot load this RAM), the agent
+  client's stream numbering and the bytes of any frame it had begun to read, and each
+  container's init (its stdio streams);
+- ``inventory.img``: the file podman looks for before it restores (CRIU's name).
+
+A restore boots nothing: QEMU starts ``-incoming`` with the same devices, loads the
+state, and the agent is told of its new world: fresh entropy, and the network of the
+namespace it is restored into (ResetNetwork, then the usual SetupInterface/SetupRoute).
+"""
+import base64
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+
+from ..hyperstart import messages as m
+from ..hyperstart import states
+from ..hyperstart.errors import FailedPrecondition, InvalidArgument
+from .container import Container, Process, ProcessIO
+
+log = logging.getLogger("runv_py.checkpoint")
+
+FORMAT = 1
+META_FILE = "runv-py.json"
+STATE_FILE = "vm.state"
+INVENTORY_FILE = "inventory.img"
+INVENTORY_TEXT = b"runv-py VM checkpoint: see runv-py.json and vm.state (not a CRIU image)\n"
+
+
+# The annotation (or the setting) that makes a container checkpointable.
+ANNOTATION = "io.github.runv-py.checkpoint"
+
+
+def wanted(bundle, sandbox) -> bool:
+    """Whether a new container's files go into guest memory (so that its VM can be
+    saved): asked for by the annotation, or by ``checkpoint = true`` in the node's
+    settings. Only a VM with a 9p share can be saved."""
+    asked = bundle.annotations.get(ANNOTATION)
+    if asked is None:
+        from ..settings import node_file
+        asked = node_file()[1].get("checkpoint", False)
+    elif asked not in ("true", "false"):
+        raise InvalidArgument(f"annotation {ANNOTATION}: true or false, not {asked!r}")
+    if asked not in (True, "true"):
+        return False
+    if getattr(sandbox.vm, "share_kind", "") != "9p":
+        raise FailedPrecondition(f"{ANNOTATION}: QEMU 7.2 cannot save a VM with a virtio-fs "
+                                 "device (use the 9p share for containers to checkpoint)")
+    return True
+
+
+class CheckpointError(InvalidArgument):
+    """A checkpoint that cannot be restored here: not runv-py's, damaged, or made by
+    another kernel or initrd."""
+
+
+def digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_checkpointable(sandbox) -> None:
+    vm = sandbox.vm
+    if not hasattr(vm, "save_state"):
+        raise FailedPrecondition("only a VM sandbox can be checkpointed")
+    if vm.share_kind != "9p":
+        raise FailedPrecondition("QEMU 7.2 cannot save a VM with a virtio-fs device; "
+                                 "use the 9p share (share = \"9p\") for containers to checkpoint")
+    for container in sandbox.alive_containers():
+        if not container.rootfs_in_guest:
+            raise FailedPrecondition(
+                f"container {container.id} was not created checkpointable: its files are on "
+                f"the VM's share, which QEMU 7.2 cannot save (create it with the annotation "
+                f"{ANNOTATION}=true, or checkpoint = true in the settings)")
+
+
+def save(sandbox, image_dir: str, leave_running: bool) -> dict:
+    """Write the sandbox's VM to ``image_dir``; the VM runs on with ``leave_running``
+    (paused if it was: containerd pauses a task before its checkpoint), else it stays
+    stopped (its owner ends it). Returns the checkpoint's metadata."""
+    check_checkpointable(sandbox)
+    booted, vm, agent = sandbox.booted, sandbox.vm, sandbox.agent
+    os.makedirs(image_dir, exist_ok=True)
+    state_path = os.path.join(image_dir, STATE_FILE)
+    started = time.monotonic()
+    with sandbox.lock:
+        if sandbox.paused:
+            vm.resume()   # for a moment: the agent must unmount the share
+        try:
+            agent.call(m.ReleaseShare())
+        finally:
+            vm.pause()
+        try:
+            leftovers = agent.quiesce()
+            devices = vm.devices()
+            vm.save_state(state_path, ignore_shared=False)
+            meta = {
+                "format": FORMAT, "runtime": "runv-py", "created": time.time(),
+                "kernel_sha256": digest(booted.config.kernel),
+                "initrd_sha256": digest(booted.config.initrd),
+                "config": {k: getattr(booted.config, k) for k in
+                           ("cpus", "memory_mib", "max_cpus", "max_memory_mib")},
+                "online": {"cpus": sandbox.cpus, "memory_mib": sandbox.memory_mib},
+                "devices": devices,
+                "guest_macs": guest_macs(sandbox.network),
+                "agent": {"next_seq": agent.next_seq(),
+                          "leftovers": [base64.b64encode(b).decode() for b in leftovers]},
+                "containers": [container_meta(c) for c in sandbox.alive_containers()],
+                "state_bytes": os.path.getsize(state_path)}
+            write_json(os.path.join(image_dir, META_FILE), meta)
+            with open(os.path.join(image_dir, INVENTORY_FILE), "wb") as f:
+                f.write(INVENTORY_TEXT)
+        except BaseException:
+            if not sandbox.paused:
+                vm.resume()
+            raise
+        if leave_running and not sandbox.paused:
+            vm.resume()
+    log.info("sandbox %s checkpointed to %s (%d MiB) in %.2fs", sandbox.id, image_dir,
+             meta["state_bytes"] >> 20, time.monotonic() - started)
+    return meta
+
+
+def guest_macs(network) -> list:
+    """The MAC each guest NIC has now, in the order of the VM's NICs."""
+    if network is None:
+        return []
+    if getattr(network, "attached", None):
+        return [i.guest_mac or i.mac for i in network.attached]
+    return [network.mac] if getattr(network, "mac", "") else []
+
+
+def container_meta(container: Container) -> dict:
+    init = container.init
+    return {"id": container.id, "status": container.state.status,
+            "created": container.created, "init_pid": init.pid,
+            "process_ids": sorted(container.processes),   # the guest knows them all
+            "init": init.spec.to_wire()}
+
+
+def write_json(path: str, value: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read(image_dir: str, config) -> dict:
+    """The checkpoint's metadata, checked against this runtime's ``config`` (a
+    BootConfig: its kernel and initrd must be the ones that made it)."""
+    path = os.path.join(image_dir, META_FILE)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{image_dir} holds no runv-py checkpoint ({META_FILE} is missing)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("runtime") != "runv-py":
+        raise CheckpointError(f"{path} is not a runv-py checkpoint of format {FORMAT}")
+    try:
+        size = os.path.getsize(os.path.join(image_dir, STATE_FILE))
+    except OSError as e:
+        raise CheckpointError(f"the checkpoint's VM state is missing: {e}") from None
+    if size != meta.get("state_bytes"):
+        raise CheckpointError(f"the checkpoint's VM state is {size} bytes, not the "
+                              f"{meta.get('state_bytes')} written: it is truncated or changed")
+    for key in ("kernel", "initrd"):
+        if digest(getattr(config, key)) != meta.get(f"{key}_sha256"):
+            raise CheckpointError(f"the checkpoint was made with another {key} than "
+                                  f"{getattr(config, key)}: its guest memory cannot run on this one")
+    return meta
+
+
+def restore(sandbox_cls, sandbox_id: str, driver, meta: dict, image_dir: str, config,
+            workdir: str, network, bundle, io: ProcessIO, host_pid: int, rng=os.urandom):
+    """A new sandbox that goes on from the checkpoint in ``image_dir`` (``meta`` read
+    by read()); its container's init writes to ``io``. ``network`` (the namespace it is
+    restored into) is the sandbox's from now on."""
+    from ..vm.agent_client import AgentClient
+    from ..vm.boot import BootedVM
+    from ..vm.launcher import safe
+    from ..vm.template import _private_memory_file, SHM_DIR
+    driver = safe(driver)  # QEMU must outlive the thread that asks (a request's)
+    if len(meta["containers"]) != 1:
+        raise CheckpointError(f"the checkpoint holds {len(meta['containers'])} containers, "
+                              "not one")
+    config = dataclasses.replace(config, share="9p", **meta["config"])  # its devices
+    share_dir = os.path.join(workdir, "share")
+    os.makedirs(share_dir, exist_ok=True)
+    memory_file = ""
+    if meta["devices"]["memory_file"]:  # the RAM's block has the file backend's name
+        memory_file = os.path.join(SHM_DIR, f"restore-{os.getpid()}-{sandbox_id[:32]}.mem")
+        _private_memory_file(memory_file)
+    wanted = meta["devices"]["nics"]
+    have = network.nics_wanted() if network is not None else 0
+    vm = agent = None
+    try:
+        if have != wanted:
+            raise FailedPrecondition(f"the checkpointed VM had {wanted} NICs; the network "
+                                     f"namespace it is restored into gives {have}")
+        vm = driver.launch(config, os.path.join(workdir, "vm"), sandbox_id, share_dir,
+                           memory_file=memory_file, shared_memory=False, incoming=True,
+                           network=network)
+        saved = meta["agent"]
+        agent = AgentClient(*vm.channels(), first_seq=saved["next_seq"],
+                            leftovers=tuple(base64.b64decode(b) for b in saved["leftovers"]))
+        vm.load_state(os.path.join(image_dir, STATE_FILE), ignore_shared=False)
+    except BaseException as e:
+        if agent is not None:
+            agent.close()
+        if vm is not None:
+            failure = vm.failure()
+            vm.stop()
+            if not isinstance(e, FailedPrecondition):
+                raise CheckpointError(f"restoring the VM from {image_dir}: {e}; {failure}") from None
+        raise
+    finally:
+        if memory_file:
+            os.unlink(memory_file)  # QEMU has it mapped: the pages are its own from now on
+    booted = BootedVM(vm, agent, share_dir, config, origin="checkpoint")
+    sandbox = sandbox_cls(sandbox_id, booted, network)
+    try:
+        sandbox.cpus, sandbox.memory_mib = meta["online"]["cpus"], meta["online"]["memory_mib"]
+        agent.call(m.Reseed(data=base64.b64encode(rng(64)).decode()))
+        if network is not None:
+            from ..net.late import LateNetwork
+            macs = meta["guest_macs"]
+            if isinstance(network, LateNetwork):
+                network.mac = macs[0] if macs else network.mac
+            for iface, mac in zip(network.interfaces, macs):
+                iface.guest_mac = mac  # the guest's NIC, told apart by the MAC it has now
+            agent.call(m.ResetNetwork())
+            msgs = network.connect() if isinstance(network, LateNetwork) else network.guest_setup()
+            for msg in msgs:
+                agent.call(msg)
+        held = meta["containers"][0]
+        if held["id"] != sandbox_id:  # restored under another name
+            agent.call(m.RenameContainer(container=held["id"], new_id=sandbox_id))
+        revive(sandbox, dict(held, id=sandbox_id), bundle, io, host_pid)
+    except BaseException:
+        sandbox.destroy()
+        raise
+    return sandbox
+
+
+def revive(sandbox, saved: dict, bundle, io: ProcessIO, host_pid: int) -> Container:
+    """The host's record of a restored container: its init runs in the guest already."""
+    container = Container(saved["id"], bundle, host_pid)
+    container.rootfs_in_guest = True
+    container.created = saved["created"]
+    spec = m.ProcessSpec.from_wire(saved["init"])
+    init = Process(container, spec, io)
+    init.pid = saved["init_pid"]
+    agent = sandbox.agent
+    from ..vm.stdio import fd_sink
+    from .stdio import discard_sink
+    for seq, fd in ((spec.stdio, io.stdout), (spec.stderr, io.stderr)):
+        if seq:
+            agent.attach(seq, fd_sink(fd, io.owned) if fd >= 0 else discard_sink)
+    container.init = init
+    container.processes["init"] = init
+    container.state.status = states.RUNNING
+    init.state.status = states.RUNNING
+    sandbox.containers[container.id] = container
+    sandbox._pump_stdin(init)
+    return container

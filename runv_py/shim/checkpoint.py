@@ -1,0 +1,53 @@
+"""A shim's part in checkpoint and restore (the VM's part: sandbox/checkpoint.py).
+
+``checkpoint`` saves the sandbox's VM into the caller's image directory; the container
+then stops as runc's does after a dump (its status 137), unless it is left running.
+A restoring shim boots nothing: it enters the namespaces of the spec it is given, as a
+new container's shim does, and its VM goes on from the checkpoint, the container
+already running, its stdio now the restorer's.
+"""
+import os
+
+from ..hyperstart import states
+from ..hyperstart.errors import FailedPrecondition, InvalidArgument
+from ..oci.state import now_rfc3339
+from ..sandbox import VM_DIED_STATUS
+from . import member
+from . import protocol as p
+
+def op_checkpoint(server, req: p.Checkpoint, fds, conn) -> dict:
+    from ..sandbox import checkpoint
+    if server.infra is not None or server.members:
+        raise FailedPrecondition("a pod's VM holds other containers: it cannot be "
+                                 "checkpointed for one of them")
+    if not req.image_path or not os.path.isabs(req.image_path):
+        raise InvalidArgument(f"--image-path must be an absolute path, not {req.image_path!r}")
+    meta = checkpoint.save(server.sandbox, req.image_path, req.leave_running)
+    if not req.leave_running:
+        server.update(exit_status=VM_DIED_STATUS, finished=now_rfc3339())
+        server.finish(VM_DIED_STATUS)
+    return {"state_bytes": meta["state_bytes"]}
+
+
+def restore(server, config) -> None:
+    """Boot of a restoring shim (ShimServer.boot)."""
+    from ..drivers import probe
+    from ..sandbox import Sandbox, checkpoint
+    params = server.params
+    if member.find_infra(os.path.dirname(server.path), server.bundle.spec, server.cid):
+        raise FailedPrecondition("a pod member cannot be restored into its pod's VM")
+    meta = checkpoint.read(params.restore_from, config)
+    driver = probe(params.driver)
+    from .namespaces import enter_namespaces
+    network = enter_namespaces(server, late_network=True)
+    server.sandbox = checkpoint.restore(Sandbox, server.cid, driver, meta, params.restore_from,
+                                        config, server.path, network, server.bundle,
+                                        server.init_io(), os.getpid())
+    # Ids the guest has seen already: generated ones go on after them.
+    numbered = [int(pid[5:]) for pid in meta["containers"][0]["process_ids"]
+                if pid.startswith("exec-") and pid[5:].isdigit()]
+    server.exec_count = max(numbered, default=0)
+    server.took_sandbox(network)
+    server.container = server.sandbox.container(server.cid)
+    server.took_container()
+    server.update(status=states.RUNNING, started=now_rfc3339())

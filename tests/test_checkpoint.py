@@ -1,0 +1,248 @@
+"""Checkpoint and restore of a container's VM (runv_py/sandbox/checkpoint.py): runc's
+CLI contract, and podman's checkpoint/restore (with --export/--import) through conmon.
+
+A counter loop in the container proves that the restored one goes on from where it was:
+a fresh start would count from 1 again."""
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from conftest import Runv, qemu_pids, wait_vms_gone
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+
+CHECKPOINTABLE = {"io.github.runv-py.checkpoint": "true"}
+COUNTER = ["sh", "-c", "echo made-before > /kept; i=0; "
+           "while true; do i=$((i+1)); echo $i > /count; sleep 0.1; done"]
+
+
+def count(runv, cid: str) -> int:
+    return int(runv("exec", cid, "cat", "/count", check=True).stdout)
+
+
+def wait_count(read, at_least: int, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = read()
+            if value >= at_least:
+                return value
+        except (AssertionError, ValueError):
+            pass  # the file may be half-written
+        assert time.monotonic() < deadline, f"the counter did not reach {at_least}"
+        time.sleep(0.2)
+
+
+def started_counter(runv, bundle, cid: str, **changes) -> str:
+    path = bundle(COUNTER, annotations=CHECKPOINTABLE, **changes)
+    runv.detached("run", "-d", "-b", path, cid)
+    wait_count(lambda: count(runv, cid), 10)
+    return path
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie has: its parent may not have reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def files_of(path: str) -> dict:
+    return {name: os.path.getsize(os.path.join(path, name)) for name in sorted(os.listdir(path))}
+
+
+def test_the_counter_goes_on_in_a_new_vm_restored_into_another_root(runv, bundle, tmp_path):
+    cid = runv.id()
+    path = started_counter(runv, bundle, cid)
+    shim = runv.state(cid)["pid"]
+    image = str(tmp_path / "image")
+    before = count(runv, cid)
+    runv("checkpoint", "--image-path", image, "--work-path", str(tmp_path / "work"), cid,
+         check=True)
+    assert runv.state(cid)["status"] == "stopped"
+    assert not qemu_pids(cid) and gone(shim)
+    assert {"inventory.img", "runv-py.json", "vm.state"} <= set(os.listdir(image))
+    assert os.path.isfile(tmp_path / "work" / "dump.log")
+    runv("delete", cid, check=True)
+
+    # Another --root stands in for another machine with the same kernel and initrd.
+    other = Runv(str(tmp_path / "other-root"), runv.tag)
+    try:
+        other.detached("restore", "-d", "--image-path", image, "-b", path, cid)
+        state = other.state(cid)
+        assert state["status"] == "running" and os.path.exists(f"/proc/{state['pid']}")
+        after = count(other, cid)
+        assert after >= before, (before, after)
+        assert wait_count(lambda: count(other, cid), after + 5) > after
+        assert other("exec", cid, "cat", "/kept", check=True).stdout == b"made-before\n"
+        other("kill", cid, "KILL", check=True)
+        deadline = time.monotonic() + 30
+        while other.state(cid)["status"] != "stopped":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        other("delete", cid, check=True)
+    finally:
+        for left in os.listdir(other.root) if os.path.isdir(other.root) else []:
+            other("delete", "--force", left, timeout=60)
+    assert not wait_vms_gone(cid)
+
+
+def test_left_running_and_a_second_copy_from_the_same_checkpoint(runv, bundle, tmp_path):
+    cid, copy = runv.id("first"), runv.id("copy")
+    path = started_counter(runv, bundle, cid)
+    image = str(tmp_path / "image")
+    before = count(runv, cid)
+    runv("checkpoint", "--leave-running", "--image-path", image, cid, check=True)
+    assert runv.state(cid)["status"] == "running"
+    assert wait_count(lambda: count(runv, cid), before + 5) > before
+
+    runv.detached("restore", "-d", "--image-path", image, "-b", path, copy)
+    assert count(runv, copy) >= before
+    assert runv.state(copy)["status"] == "running"
+    # Two VMs now: what one writes, the other does not see.
+    runv("exec", copy, "sh", "-c", "echo mine > /only-in-copy", check=True)
+    assert runv("exec", cid, "test", "-e", "/only-in-copy").returncode == 1
+    assert runv.state(copy)["pid"] != runv.state(cid)["pid"]
+    for name in (cid, copy):
+        runv("delete", "--force", name, check=True)
+
+
+def test_bad_checkpoints_and_requests_fail_clearly_and_leave_nothing(runv, bundle, tmp_path):
+    plain, cid = runv.id("plain"), runv.id("ck")
+    runv.detached("run", "-d", "-b", bundle(["sleep", "600"]), plain)
+    refused = runv("checkpoint", "--image-path", str(tmp_path / "no"), plain)
+    assert refused.returncode != 0 and b"io.github.runv-py.checkpoint" in refused.stderr
+    assert runv.state(plain)["status"] == "running"   # a refused checkpoint stops nothing
+    assert b"--pre-dump" in runv("checkpoint", "--pre-dump", plain).stderr
+
+    path = started_counter(runv, bundle, cid)
+    image = str(tmp_path / "image")
+    runv("checkpoint", "--leave-running", "--image-path", image, cid, check=True)
+    sizes = files_of(image)
+
+    # An id that exists: refused, and the running container is untouched.
+    taken = runv.detached("restore", "-d", "--image-path", image, "-b", path, cid, check=False)
+    assert taken.returncode != 0 and b"exists" in taken.stderr
+    assert runv.state(cid)["status"] == "running"
+
+    def refused_restore(source: str, words: bytes) -> None:
+        new = runv.id("bad")
+        r = runv.detached("restore", "-d", "--image-path", source, "-b", path, new, check=False)
+        assert r.returncode != 0 and words in r.stderr, r.stderr
+        assert b"does not exist" in runv("state", new).stderr   # nothing half-restored
+        assert not qemu_pids(new)
+
+    refused_restore(str(tmp_path / "nothing-here"), b"no runv-py checkpoint")
+    truncated = str(tmp_path / "truncated")
+    shutil.copytree(image, truncated)
+    with open(os.path.join(truncated, "vm.state"), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(image, "vm.state")) // 2)
+    refused_restore(truncated, b"truncated")
+    other_kernel = str(tmp_path / "other-kernel")
+    shutil.copytree(image, other_kernel)
+    with open(os.path.join(other_kernel, "runv-py.json")) as f:
+        meta = json.load(f)
+    meta["kernel_sha256"] = "0" * 64
+    with open(os.path.join(other_kernel, "runv-py.json"), "w") as f:
+        json.dump(meta, f)
+    refused_restore(other_kernel, b"another kernel")
+    # The stream itself damaged (the sizes still agree): QEMU refuses it, nothing is left.
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(image, damaged)
+    with open(os.path.join(damaged, "vm.state"), "r+b") as f:
+        f.seek(0)
+        f.write(b"\0" * 64)
+    refused_restore(damaged, b"restoring the VM")
+    assert files_of(image) == sizes   # the checkpoint itself is unchanged
+    for name in (cid, plain):
+        runv("delete", "--force", name, check=True)
+
+
+# ---- podman -------------------------------------------------------------------------------
+
+from test_clients import podman  # noqa: E402,F401  (the module's podman fixture)
+
+
+def test_podman_checkpoint_restore_export_and_import_under_a_new_name(podman, tmp_path):
+    cid = podman.started("run", "-d", "--network", "none", "--annotation",
+                         "io.github.runv-py.checkpoint=true", podman.image, *COUNTER)
+
+    def read(name: str) -> int:
+        return int(podman("exec", name, "cat", "/count", check=True).stdout)
+
+    def status(name: str) -> str:
+        return podman("inspect", "-f", "{{.State.Status}}", name, check=True).stdout.decode().strip()
+
+    before = wait_count(lambda: read(cid), 10)
+    podman("container", "checkpoint", cid, check=True)
+    assert status(cid) == "exited" and not qemu_pids(cid)
+    podman("container", "restore", cid, check=True)
+    assert status(cid) == "running"
+    after = read(cid)
+    assert after >= before, (before, after)
+    assert podman("exec", cid, "cat", "/kept", check=True).stdout == b"made-before\n"
+
+    # Exported while it runs on; imported as a second container beside the first.
+    archive = str(tmp_path / "exported.tar.gz")
+    podman("container", "checkpoint", "--leave-running", "--export", archive, cid, check=True)
+    assert status(cid) == "running"
+    copy = f"copy-{cid[:12]}"
+    podman("container", "restore", "--import", archive, "--name", copy, check=True)
+    podman.ids.add(podman("inspect", "-f", "{{.Id}}", copy, check=True).stdout.decode().strip())
+    assert status(copy) == "running" and status(cid) == "running"
+    assert read(copy) >= after
+    podman("exec", copy, "sh", "-c", "echo mine > /only-in-copy", check=True)
+    assert podman("exec", cid, "test", "-e", "/only-in-copy").returncode == 1
+    podman("rm", "-f", "-t", "0", copy, cid, check=True)
+
+
+# ---- containerd -----------------------------------------------------------------------------
+
+from test_containerd import IMAGE, NAMESPACE, RUNTIME, containerd, image_tar  # noqa: E402,F401
+
+
+def test_ctr_checkpoint_of_a_running_task_and_its_live_restore(containerd):
+    import subprocess
+    cid = f"ck-{containerd.tag}"
+    containerd.check("run", "-d", "--runtime", RUNTIME, "--annotation",
+                     "io.github.runv-py.checkpoint=true", IMAGE, cid, *COUNTER)
+    reads = [0]
+
+    def read() -> int:
+        reads[0] += 1
+        return int(containerd.check("task", "exec", "--exec-id", f"r{reads[0]}", cid, "cat", "/count"))
+
+    before = wait_count(read, 10)
+    ref = f"localhost/checkpoint/{cid}:1"
+    containerd.check("containers", "checkpoint", "--task", cid, ref)
+    assert wait_count(read, before + 5) > before   # containerd resumed it
+    containerd.check("task", "kill", "-s", "KILL", cid)
+    containerd.wait_status(cid, "STOPPED")
+    containerd.check("task", "rm", cid)
+    containerd.check("containers", "rm", cid)
+
+    restorer = subprocess.Popen(["ctr", "-a", containerd.sock, "-n", NAMESPACE, "containers",
+                                 "restore", "--live", cid, ref], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while containerd.task_status(cid) != "RUNNING":
+            assert restorer.poll() in (None, 0), restorer.stderr.read()
+            assert time.monotonic() < deadline, "the restored task did not run"
+            time.sleep(0.2)
+        after = read()
+        assert after >= before, (before, after)
+        assert containerd.check("task", "exec", "--exec-id", "kept", cid, "cat",
+                                "/kept") == "made-before\n"
+        containerd.check("task", "kill", "-s", "KILL", cid)
+    finally:
+        try:
+            restorer.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            restorer.kill()
+            restorer.wait()
