@@ -164,19 +164,26 @@ class QemuVM:
         """Stop the guest and write its device state to ``path``. With the RAM in a
         shared file, x-ignore-shared leaves it out: the state is tens of KB. Without it
         (a checkpoint) the guest's RAM is in the file too."""
-        self.qmp_command("stop")
-        self._ignore_shared_memory(ignore_shared)
         # Through an fd: a jailed QEMU can neither open the path nor run `cat` (spawn=deny).
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            self.qmp_command("migrate", uri=f"fd:{self._send_fd(fd)}")
+            self.save_state_to(fd, ignore_shared)
         finally:
             os.close(fd)
 
+    def save_state_to(self, fd: int, ignore_shared: bool = True) -> None:
+        """save_state into the file open as ``fd`` (a caller's, from another mount
+        namespace)."""
+        self.qmp_command("stop")
+        self._ignore_shared_memory(ignore_shared)
+        self.qmp_command("migrate", uri=f"fd:{self._send_fd(fd)}")
+
         def completed() -> bool:
-            status = self.qmp_command("query-migrate").get("status")
+            info = self.qmp_command("query-migrate")
+            status = info.get("status")
             if status in ("failed", "cancelled"):
-                raise DriverError(f"saving the VM state failed ({status}): {self.failure()}")
+                why = info.get("error-desc") or self.failure()
+                raise DriverError(f"saving the VM state failed ({status}): {why}")
             return status == "completed"
         self._poll(completed, "saving the VM state", interval=0.005)
 

@@ -6,6 +6,7 @@ a fresh start would count from 1 again."""
 import json
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -30,7 +31,7 @@ def wait_count(read, at_least: int, timeout: float = 30) -> int:
             value = read()
             if value >= at_least:
                 return value
-        except (AssertionError, ValueError):
+        except (AssertionError, ValueError, OSError):
             pass  # the file may be half-written
         assert time.monotonic() < deadline, f"the counter did not reach {at_least}"
         time.sleep(0.2)
@@ -121,6 +122,22 @@ def test_bad_checkpoints_and_requests_fail_clearly_and_leave_nothing(runv, bundl
     assert b"--pre-dump" in runv("checkpoint", "--pre-dump", plain).stderr
 
     path = started_counter(runv, bundle, cid)
+    # A full disk: the checkpoint fails with the reason, leaves no half-written files,
+    # and the container runs on.
+    full = str(tmp_path / "full")
+    os.mkdir(full)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", full], check=True)
+    try:
+        for leave in ((), ("--leave-running",)):
+            r = runv("checkpoint", *leave, "--image-path", f"{full}/image", cid)
+            assert r.returncode != 0 and b"No space left" in r.stderr, r.stderr
+            assert os.listdir(f"{full}/image") == []
+            assert runv.state(cid)["status"] == "running"
+    finally:
+        subprocess.run(["umount", full], check=True)
+    before = count(runv, cid)
+    assert wait_count(lambda: count(runv, cid), before + 3) > before
+
     image = str(tmp_path / "image")
     runv("checkpoint", "--leave-running", "--image-path", image, cid, check=True)
     sizes = files_of(image)
@@ -179,8 +196,10 @@ def test_podman_checkpoint_restore_export_and_import_under_a_new_name(podman, tm
         return podman("inspect", "-f", "{{.State.Status}}", name, check=True).stdout.decode().strip()
 
     before = wait_count(lambda: read(cid), 10)
-    podman("container", "checkpoint", cid, check=True)
+    stats = json.loads(podman("container", "checkpoint", "--print-stats", cid, check=True).stdout)
     assert status(cid) == "exited" and not qemu_pids(cid)
+    dumped = stats["container_statistics"][0]["criu_statistics"]   # read from stats-dump
+    assert dumped["frozen_time"] > 0 and dumped["pages_written"] > 1000, stats
     podman("container", "restore", cid, check=True)
     assert status(cid) == "running"
     after = read(cid)
@@ -207,7 +226,6 @@ from test_containerd import IMAGE, NAMESPACE, RUNTIME, containerd, image_tar  # 
 
 
 def test_ctr_checkpoint_of_a_running_task_and_its_live_restore(containerd):
-    import subprocess
     cid = f"ck-{containerd.tag}"
     containerd.check("run", "-d", "--runtime", RUNTIME, "--annotation",
                      "io.github.runv-py.checkpoint=true", IMAGE, cid, *COUNTER)
@@ -246,3 +264,64 @@ def test_ctr_checkpoint_of_a_running_task_and_its_live_restore(containerd):
         except subprocess.TimeoutExpired:
             restorer.kill()
             restorer.wait()
+
+
+def test_podman_web_server_serves_on_after_restore_here_and_in_another_root(podman, tmp_path):
+    """On podman's bridge network: the restored VM takes the new namespace's address
+    and MAC, and its server, which never restarted, answers the host (the counter it
+    serves goes on). Exported and imported into another storage root (a second
+    machine's stand-in) with a new address and MAC, and restored in its own root too."""
+    import tempfile
+    import urllib.request
+    import test_clients
+    script = ("mkdir /www; httpd -p 8080 -h /www; i=0;"
+              " while true; do i=$((i+1)); echo $i > /www/count; sleep 0.1; done")
+    cid = podman.started("run", "-d", "--annotation", "io.github.runv-py.checkpoint=true",
+                         podman.image, "sh", "-c", script)
+
+    def inspect(client, name: str, field: str) -> str:
+        return client("inspect", "-f", "{{.NetworkSettings.%s}}" % field, name,
+                      check=True).stdout.decode().strip()
+
+    def served(client, name: str) -> int:
+        url = f"http://{inspect(client, name, 'IPAddress')}:8080/count"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return int(reply.read())
+
+    def guest_mac(client, name: str) -> str:
+        return client("exec", name, "cat", "/sys/class/net/eth0/address",
+                      check=True).stdout.decode().strip()
+
+    before = wait_count(lambda: served(podman, cid), 10)
+    address = inspect(podman, cid, "IPAddress")
+    archive = str(tmp_path / "web.tar.gz")
+    podman("container", "checkpoint", "--export", archive, cid, check=True)
+
+    base = tempfile.mkdtemp(prefix="rvpm-", dir="/tmp")   # podman's runroot: under 50 chars
+    other = test_clients.Client(["podman", "--root", f"{base}/root", "--runroot", f"{base}/run",
+                                 "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
+                                 "--events-backend", "file", "--tmpdir", f"{base}/tmp",
+                                 "--runtime", test_clients.RUNV])
+    try:
+        other("load", "-i", f"{os.path.dirname(podman.base[2])}/busybox.tar", check=True)
+        # podman 4.3 keeps the exporter's conmon pid file path, so the import works
+        # while the exported container exists (not removed) in the first root.
+        other("container", "restore", "--import", archive, "--ignore-static-ip",
+              "--ignore-static-mac", check=True)
+        other.ids.add(cid)
+        assert inspect(other, cid, "IPAddress") != address
+        assert guest_mac(other, cid) == inspect(other, cid, "MacAddress")
+        assert served(other, cid) >= before
+        # One runtime state root for both (podman's default): the id is taken until then.
+        other("rm", "-f", "-t", "0", cid, check=True)
+
+        podman("container", "restore", cid, check=True)   # and at home, as it was
+        assert inspect(podman, cid, "IPAddress") == address
+        assert served(podman, cid) >= before
+        assert guest_mac(podman, cid) == inspect(podman, cid, "MacAddress")
+        podman("rm", "-f", "-t", "0", cid, check=True)
+    finally:
+        other("rm", "-af", "-t", "0", timeout=120)
+        other.no_leaks()
+        other("system", "reset", "-f", timeout=120)
+        shutil.rmtree(base, ignore_errors=True)

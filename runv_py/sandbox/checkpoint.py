@@ -90,14 +90,13 @@ def check_checkpointable(sandbox) -> None:
                 f"{ANNOTATION}=true, or checkpoint = true in the settings)")
 
 
-def save(sandbox, image_dir: str, leave_running: bool) -> dict:
-    """Write the sandbox's VM to ``image_dir``; the VM runs on with ``leave_running``
-    (paused if it was: containerd pauses a task before its checkpoint), else it stays
-    stopped (its owner ends it). Returns the checkpoint's metadata."""
+def save(sandbox, state_fd: int, leave_running: bool) -> dict:
+    """Write the sandbox's VM into the file open as ``state_fd`` (the caller's: it may
+    live in another mount namespace) and return the checkpoint's metadata (write_image
+    puts it beside). The VM runs on with ``leave_running`` (paused if it was: containerd
+    pauses a task before its checkpoint), else it stays stopped (its owner ends it)."""
     check_checkpointable(sandbox)
     booted, vm, agent = sandbox.booted, sandbox.vm, sandbox.agent
-    os.makedirs(image_dir, exist_ok=True)
-    state_path = os.path.join(image_dir, STATE_FILE)
     started = time.monotonic()
     with sandbox.lock:
         if sandbox.paused:
@@ -107,9 +106,11 @@ def save(sandbox, image_dir: str, leave_running: bool) -> dict:
         finally:
             vm.pause()
         try:
+            frozen = time.monotonic()
             leftovers = agent.quiesce()
             devices = vm.devices()
-            vm.save_state(state_path, ignore_shared=False)
+            vm.save_state_to(state_fd, ignore_shared=False)
+            saved = time.monotonic()
             meta = {
                 "format": FORMAT, "runtime": "runv-py", "created": time.time(),
                 "kernel_sha256": digest(booted.config.kernel),
@@ -122,18 +123,56 @@ def save(sandbox, image_dir: str, leave_running: bool) -> dict:
                 "agent": {"next_seq": agent.next_seq(),
                           "leftovers": [base64.b64encode(b).decode() for b in leftovers]},
                 "containers": [container_meta(c) for c in sandbox.alive_containers()],
-                "state_bytes": os.path.getsize(state_path)}
-            write_json(os.path.join(image_dir, META_FILE), meta)
-            with open(os.path.join(image_dir, INVENTORY_FILE), "wb") as f:
-                f.write(INVENTORY_TEXT)
+                "state_bytes": os.fstat(state_fd).st_size,
+                "timings_us": {"freezing": int((frozen - started) * 1e6),
+                               "frozen": int((saved - frozen) * 1e6),
+                               "memdump": int((saved - frozen) * 1e6)}}
         except BaseException:
             if not sandbox.paused:
                 vm.resume()
             raise
         if leave_running and not sandbox.paused:
             vm.resume()
-    log.info("sandbox %s checkpointed to %s (%d MiB) in %.2fs", sandbox.id, image_dir,
+    log.info("sandbox %s checkpointed (%d MiB) in %.2fs", sandbox.id,
              meta["state_bytes"] >> 20, time.monotonic() - started)
+    return meta
+
+
+def open_state(image_dir: str) -> int:
+    """The checkpoint's state file, new and empty, for save()."""
+    os.makedirs(image_dir, exist_ok=True)
+    return os.open(os.path.join(image_dir, STATE_FILE),
+                   os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+
+def write_image(image_dir: str, meta: dict) -> None:
+    """What goes beside the state: the metadata, and the file podman looks for."""
+    write_json(os.path.join(image_dir, META_FILE), meta)
+    with open(os.path.join(image_dir, INVENTORY_FILE), "wb") as f:
+        f.write(INVENTORY_TEXT)
+
+
+def remove_partial(image_dir: str) -> None:
+    """A checkpoint that failed half-way: nothing of it stays to be restored."""
+    for name in (STATE_FILE, META_FILE, META_FILE + ".tmp", INVENTORY_FILE):
+        try:
+            os.unlink(os.path.join(image_dir, name))
+        except FileNotFoundError:
+            pass
+
+
+def save_to_dir(sandbox, image_dir: str, leave_running: bool) -> dict:
+    """save() into ``image_dir`` in this process's view of the files."""
+    try:
+        fd = open_state(image_dir)
+        try:
+            meta = save(sandbox, fd, leave_running)
+        finally:
+            os.close(fd)
+        write_image(image_dir, meta)
+    except BaseException:
+        remove_partial(image_dir)
+        raise
     return meta
 
 
@@ -141,8 +180,8 @@ def guest_macs(network) -> list:
     """The MAC each guest NIC has now, in the order of the VM's NICs."""
     if network is None:
         return []
-    if getattr(network, "attached", None):
-        return [i.guest_mac or i.mac for i in network.attached]
+    if getattr(network, "attached", None):  # the guest took each veth's MAC (guest_setup)
+        return [i.mac for i in network.attached]
     return [network.mac] if getattr(network, "mac", "") else []
 
 

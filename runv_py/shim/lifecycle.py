@@ -142,9 +142,10 @@ def resume(root: str, cid: str) -> None:
     _locked_call(root, cid, p.Resume())
 
 
-def checkpoint(root: str, cid: str, image_path: str, leave_running: bool = False) -> None:
+def checkpoint(root: str, cid: str, image_path: str, leave_running: bool = False) -> dict:
     """Save the running container's VM in ``image_path`` (sandbox/checkpoint.py); it
-    stops, and its shim is gone on return, unless ``leave_running``."""
+    stops, and its shim is gone on return, unless ``leave_running``. Returns the
+    checkpoint's metadata."""
     from . import protocol as p
     from .client import ShimClient
     record = load(root, cid)
@@ -152,10 +153,23 @@ def checkpoint(root: str, cid: str, image_path: str, leave_running: bool = False
         record = load(root, cid)
         if record.status != states.RUNNING:
             raise FailedPrecondition(f"cannot checkpoint a container that is {record.status}")
-        ShimClient(record, timeout=SPAWN_TIMEOUT).call(
-            p.Checkpoint(image_path=os.path.abspath(image_path), leave_running=leave_running))
+        from ..sandbox import checkpoint as image
+        # Opened here: the shim lives in a mount namespace of its own, which may not
+        # see the caller's path (a disk mounted since the container started).
+        try:
+            fd = image.open_state(image_path)
+            try:
+                reply = ShimClient(record, timeout=SPAWN_TIMEOUT).call(
+                    p.Checkpoint(leave_running=leave_running), fds=(fd,))
+            finally:
+                os.close(fd)
+            image.write_image(image_path, reply["meta"])
+        except BaseException:
+            image.remove_partial(image_path)
+            raise
         if not leave_running:
             hostproc.wait_gone(record.shim_pid, 10.0)
+    return reply["meta"]
 
 
 def kill_shim(record: Record, timeout: float = 5.0) -> None:

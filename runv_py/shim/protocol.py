@@ -111,9 +111,8 @@ class Shutdown(Request):
 
 @request("checkpoint")
 class Checkpoint(Request):
-    """Save the sandbox's VM in ``image_path`` (sandbox/checkpoint.py); the container
-    stops, as runc's does, unless ``leave_running``."""
-    image_path: str = ""
+    """Save the sandbox's VM into the state file whose fd comes along (sandbox/
+    checkpoint.py); the container stops, as runc's does, unless ``leave_running``."""
     leave_running: bool = False
 
 

@@ -331,7 +331,7 @@ class TaskService:
         if req.id != self.sandbox.id or len(self.inits) != 1:
             raise FailedPrecondition("a pod's VM holds other containers: it cannot be "
                                      "checkpointed for one of them")
-        checkpoint.save(self.sandbox, req.path, leave_running=True)
+        checkpoint.save_to_dir(self.sandbox, req.path, leave_running=True)
         return pb.Empty()
 
     def resize_pty(self, req) -> pb.Empty:
