@@ -4,15 +4,12 @@ a directory, and a new VM that goes on from it.
 QEMU 7.2 will not save a VM whose guest has a 9p share mounted, nor one with a
 vhost-user-fs device at all. So a checkpointable container's files are copied into guest
 memory when it is created (NewContainer.rootfs_in_guest), and at the checkpoint the
-agent unmounts the share (ReleaseShare). What the checkpoint holds:
-
-- ``vm.state``: QEMU's migration stream, guest RAM included: the processes, their
-  memory, the container's files (they live in guest memory), sockets, the guest kernel;
-- ``runv-py.json``: what a restore needs besides: the VM's sizes and devices, the
-  kernel's and initrd's digests (another kernel cannot load this RAM), the agent
-  client's stream numbering and the bytes of any frame it had begun to read, and each
-  container's init (its stdio streams);
-- ``inventory.img``: the file podman looks for before it restores (CRIU's name).
+agent unmounts the share (ReleaseShare). The checkpoint (its files: oci/checkpoint_dir.py)
+holds QEMU's migration stream, guest RAM included (the processes, their memory, the
+container's files, sockets, the guest kernel), and the metadata a restore needs: the
+VM's sizes and devices, the kernel's and initrd's digests (another kernel cannot run
+this RAM), the agent client's stream numbering and the bytes of any frame it had begun
+to read, and the container's init (its stdio streams).
 
 A restore boots nothing: QEMU starts ``-incoming`` with the same devices, loads the
 state, and the agent is told of its new world: fresh entropy, and the network of the
@@ -20,8 +17,6 @@ namespace it is restored into (ResetNetwork, then the usual SetupInterface/Setup
 """
 import base64
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import time
@@ -29,16 +24,11 @@ import time
 from ..hyperstart import messages as m
 from ..hyperstart import states
 from ..hyperstart.errors import FailedPrecondition, InvalidArgument
+from ..oci.checkpoint_dir import (FORMAT, STATE_FILE, CheckpointError, digest, open_state,
+                                  read, remove_partial, write_image)
 from .container import Container, Process, ProcessIO
 
 log = logging.getLogger("runv_py.checkpoint")
-
-FORMAT = 1
-META_FILE = "runv-py.json"
-STATE_FILE = "vm.state"
-INVENTORY_FILE = "inventory.img"
-INVENTORY_TEXT = b"runv-py VM checkpoint: see runv-py.json and vm.state (not a CRIU image)\n"
-
 
 # The annotation (or the setting) that makes a container checkpointable.
 ANNOTATION = "io.github.runv-py.checkpoint"
@@ -60,19 +50,6 @@ def wanted(bundle, sandbox) -> bool:
         raise FailedPrecondition(f"{ANNOTATION}: QEMU 7.2 cannot save a VM with a virtio-fs "
                                  "device (use the 9p share for containers to checkpoint)")
     return True
-
-
-class CheckpointError(InvalidArgument):
-    """A checkpoint that cannot be restored here: not runv-py's, damaged, or made by
-    another kernel or initrd."""
-
-
-def digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_checkpointable(sandbox) -> None:
@@ -138,29 +115,6 @@ def save(sandbox, state_fd: int, leave_running: bool) -> dict:
     return meta
 
 
-def open_state(image_dir: str) -> int:
-    """The checkpoint's state file, new and empty, for save()."""
-    os.makedirs(image_dir, exist_ok=True)
-    return os.open(os.path.join(image_dir, STATE_FILE),
-                   os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-
-
-def write_image(image_dir: str, meta: dict) -> None:
-    """What goes beside the state: the metadata, and the file podman looks for."""
-    write_json(os.path.join(image_dir, META_FILE), meta)
-    with open(os.path.join(image_dir, INVENTORY_FILE), "wb") as f:
-        f.write(INVENTORY_TEXT)
-
-
-def remove_partial(image_dir: str) -> None:
-    """A checkpoint that failed half-way: nothing of it stays to be restored."""
-    for name in (STATE_FILE, META_FILE, META_FILE + ".tmp", INVENTORY_FILE):
-        try:
-            os.unlink(os.path.join(image_dir, name))
-        except FileNotFoundError:
-            pass
-
-
 def save_to_dir(sandbox, image_dir: str, leave_running: bool) -> dict:
     """save() into ``image_dir`` in this process's view of the files."""
     try:
@@ -191,40 +145,6 @@ def container_meta(container: Container) -> dict:
             "created": container.created, "init_pid": init.pid,
             "process_ids": sorted(container.processes),   # the guest knows them all
             "init": init.spec.to_wire()}
-
-
-def write_json(path: str, value: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
-
-
-def read(image_dir: str, config) -> dict:
-    """The checkpoint's metadata, checked against this runtime's ``config`` (a
-    BootConfig: its kernel and initrd must be the ones that made it)."""
-    path = os.path.join(image_dir, META_FILE)
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{image_dir} holds no runv-py checkpoint ({META_FILE} is missing)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("runtime") != "runv-py":
-        raise CheckpointError(f"{path} is not a runv-py checkpoint of format {FORMAT}")
-    try:
-        size = os.path.getsize(os.path.join(image_dir, STATE_FILE))
-    except OSError as e:
-        raise CheckpointError(f"the checkpoint's VM state is missing: {e}") from None
-    if size != meta.get("state_bytes"):
-        raise CheckpointError(f"the checkpoint's VM state is {size} bytes, not the "
-                              f"{meta.get('state_bytes')} written: it is truncated or changed")
-    for key in ("kernel", "initrd"):
-        if digest(getattr(config, key)) != meta.get(f"{key}_sha256"):
-            raise CheckpointError(f"the checkpoint was made with another {key} than "
-                                  f"{getattr(config, key)}: its guest memory cannot run on this one")
-    return meta
 
 
 def restore(sandbox_cls, sandbox_id: str, driver, meta: dict, image_dir: str, config,

@@ -153,7 +153,7 @@ def checkpoint(root: str, cid: str, image_path: str, leave_running: bool = False
         record = load(root, cid)
         if record.status != states.RUNNING:
             raise FailedPrecondition(f"cannot checkpoint a container that is {record.status}")
-        from ..sandbox import checkpoint as image
+        from ..oci import checkpoint_dir as image
         # Opened here: the shim lives in a mount namespace of its own, which may not
         # see the caller's path (a disk mounted since the container started).
         try:
