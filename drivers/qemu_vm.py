@@ -187,8 +187,9 @@ class QemuVM:
             return status == "completed"
         self._poll(completed, "saving the VM state", interval=0.005)
 
-    def load_state(self, path: str, ignore_shared: bool = True) -> None:
-        """Load ``path`` into this incoming VM (launched with ``incoming``) and run it."""
+    def load_state(self, path: str, ignore_shared: bool = True, run: bool = True) -> None:
+        """Load ``path`` into this incoming VM (launched with ``incoming``) and run it
+        (or leave it stopped)."""
         # As it was saved: QEMU refuses the state of a VM saved with x-ignore-shared otherwise.
         self._ignore_shared_memory(ignore_shared)
         try:
@@ -206,7 +207,8 @@ class QemuVM:
                 raise DriverError(f"loading the VM state failed (VM {status}): {self.failure()}")
             return status != "inmigrate"
         self._poll(loaded, "loading the VM state", interval=0.001)  # about 5 ms of work
-        self.qmp_command("cont")
+        if run:
+            self.qmp_command("cont")
 
     def _send_fd(self, fd: int, name: str = "migration") -> str:
         """Give QEMU a copy of ``fd`` over QMP (SCM_RIGHTS); returns the name it has there."""

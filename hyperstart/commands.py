@@ -168,11 +168,14 @@ class Commands:
         container = self.container(msg.container)
         if not msg.new_id or "/" in msg.new_id or msg.new_id in (".", ".."):
             raise InvalidArgument(f"bad container id {msg.new_id!r}")
-        if msg.new_id in self.containers:
+        if msg.new_id in self.containers and msg.new_id != container.id:
             raise AlreadyExists(f"container {msg.new_id!r} already exists")
-        self.containers[msg.new_id] = self.containers.pop(container.id)
-        self.cgroups.rename(container.id, msg.new_id)
-        container.id = msg.new_id   # its copy's directory keeps the request's id
+        if msg.hostname and container.init is not None and not container.init.exited:
+            set_hostname_of(container.init.pid, msg.hostname)
+        if msg.new_id != container.id:
+            self.containers[msg.new_id] = self.containers.pop(container.id)
+            self.cgroups.rename(container.id, msg.new_id)
+            container.id = msg.new_id   # its copy's directory keeps the request's id
         return None
 
     def running_init(self, cid: str, kind: str) -> int:
@@ -340,3 +343,19 @@ class Commands:
                 cmd=cmd or stat[stat.find("(") + 1:stat.rfind(")")],
                 nspid=int(status.get("NSpid", str(pid)).split()[-1])))
         return m.ProcessListReply(processes=rows)
+
+
+def set_hostname_of(pid: int, hostname: str) -> None:
+    """``hostname`` in the UTS namespace of ``pid`` (a child joins it: the agent stays)."""
+    child = os.fork()
+    if child == 0:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY)
+            sc.setns(fd, sc.CLONE_NEWUTS)
+            sc.sethostname(hostname)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    if status:
+        raise InvalidArgument(f"cannot set the hostname {hostname!r} of a restored container")

@@ -320,9 +320,11 @@ class ResetNetwork:
 
 @message(code=p.RENAMECONTAINER)
 class RenameContainer:
-    """A container restored under another id (podman's restore --name) goes by it."""
+    """A restored container: it goes by ``new_id`` (podman's restore --name), and its
+    UTS namespace takes ``hostname`` (its new spec's), if one is given."""
     container: str
     new_id: str
+    hostname: str = ""
 
 
 @message(code=p.ONLINECPUMEM)

@@ -180,6 +180,56 @@ def test_bad_checkpoints_and_requests_fail_clearly_and_leave_nothing(runv, bundl
         runv("delete", "--force", name, check=True)
 
 
+def smaps_rollup(pid: int) -> dict:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return {line.split(":")[0]: int(line.split()[1]) for line in f if line.endswith("kB\n")}
+
+
+def test_warm_restores_share_the_checkpoint_s_memory_yet_differ(runv, bundle, tmp_path,
+                                                                 cli_template):
+    cid = runv.id("src")
+    # A template's clone (as the node factory's VMs are): its RAM is a file's, which a
+    # warm copy needs (a cold-booted VM's balloon reports free pages, and QEMU would
+    # punch them out of a shared file).
+    runv.detached("--template", cli_template, "run", "-d", "-b",
+                  bundle(COUNTER, annotations=CHECKPOINTABLE), cid)
+    wait_count(lambda: count(runv, cid), 10)
+    image = str(tmp_path / "image")
+    before = count(runv, cid)
+    runv("checkpoint", "--image-path", image, cid, check=True)
+    runv("delete", cid, check=True)
+    made = json.loads(runv("manage", "warm-checkpoint", image, check=True).stdout)
+    memory_file = made["memory_file"]
+    assert os.stat(memory_file).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.dirname(memory_file)).st_mode & 0o777 == 0o700
+
+    copies = [runv.id(f"warm{n}") for n in range(2)]
+    for n, copy in enumerate(copies):
+        runv.detached("restore", "-d", "--image-path", image, copy,
+                      "-b", bundle(COUNTER, annotations=CHECKPOINTABLE, hostname=f"warm-{n}"))
+    qemus = []
+    for n, copy in enumerate(copies):
+        assert count(runv, copy) >= before   # went on from the checkpoint
+        assert runv("exec", copy, "hostname", check=True).stdout == f"warm-{n}\n".encode()
+        with open(os.path.join(runv.root, copy, "state.json")) as f:
+            qemus.append(json.load(f)["qemu_pid"])
+    randoms = {runv("exec", c, "head", "-c", "16", "/dev/urandom", check=True).stdout
+               for c in copies}
+    assert len(randoms) == 2   # fresh entropy each
+    for pid in qemus:   # the RAM the clones have not written is one copy for both
+        mem = smaps_rollup(pid)
+        assert mem["Rss"] - mem["Pss"] > 10 * 1024, mem
+
+    runv("manage", "cool-checkpoint", image, check=True)
+    assert not os.path.exists(memory_file)
+    assert wait_count(lambda: count(runv, copies[0]), before + 20) > before  # runs on
+    cold = runv.id("whole")
+    runv.detached("restore", "-d", "--image-path", image, "-b", bundle(COUNTER), cold)
+    assert count(runv, cold) >= before   # the whole way again
+    for name in (*copies, cold):
+        runv("delete", "--force", name, check=True)
+
+
 # ---- podman -------------------------------------------------------------------------------
 
 from test_clients import podman  # noqa: E402,F401  (the module's podman fixture)

@@ -69,7 +69,7 @@ def test_layering(path, module, is_package):
         assert not breaks("runv_py", allow=("runv_py.hyperstart", "runv_py.drivers")), \
             "drivers import only hyperstart"
     elif module.startswith("runv_py.cli"):
-        allow = ("runv_py.vm.template", "runv_py.vm.boot", "runv_py.drivers") \
+        allow = ("runv_py.vm.template", "runv_py.vm.boot", "runv_py.vm.warm", "runv_py.drivers") \
             if module == "runv_py.cli.manage" else \
             ("runv_py.drivers",) if module == "runv_py.cli.commands" else ()
         assert not breaks("runv_py.sandbox", "runv_py.vm", "runv_py.drivers", "runv_py.shimv2",

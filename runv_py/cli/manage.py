@@ -78,3 +78,31 @@ def remove_template():
     if not template.remove(_template_dir()):
         click.echo(f"runv-py: no template in {_template_dir()}", err=True)
         sys.exit(1)
+
+
+@manage.command("warm-checkpoint")
+@click.argument("image_path")
+@click.pass_obj
+def warm_checkpoint(opts, image_path):
+    """Keep a checkpoint's RAM in a shared memory file: restores from IMAGE_PATH become
+    copy-on-write clones of it (vm/warm.py)."""
+    from ..drivers import probe
+    from ..hyperstart.errors import RunvError
+    from ..vm import warm
+    from ..vm.boot import BootConfig
+    try:
+        meta = warm.make(probe(opts.driver), image_path, BootConfig(**opts.boot_config()))
+    except RunvError as e:
+        click.echo(f"runv-py: {e}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(dict(meta, dir=warm.warm_dir(image_path)), indent=2))
+
+
+@manage.command("cool-checkpoint")
+@click.argument("image_path")
+def cool_checkpoint(image_path):
+    """Remove a checkpoint's warm copy; containers restored from it keep running."""
+    from ..vm import warm
+    if not warm.remove(image_path):
+        click.echo(f"runv-py: {image_path} has no warm copy", err=True)
+        sys.exit(1)

@@ -28,6 +28,13 @@ REQUEST_TIMEOUT = 5.0
 FACTORY_CGROUP = "/runv-py-factory"
 
 
+def boot_files(config: BootConfig) -> tuple:
+    """The kernel's and initrd's identity now: a VM made from other files runs another
+    guest (another agent), and is not handed out."""
+    from ..vm.template import _file_id
+    return (_file_id(config.kernel), _file_id(config.initrd))
+
+
 class Pool:
     """``size`` ready VMs of one shape, refilled by a thread of its own."""
 
@@ -48,8 +55,10 @@ class Pool:
                 if self.closed:
                     return
             try:
+                files = boot_files(self.config)
                 vm = make(self.factory.driver, self.factory.new_name(), self.key, self.config,
                           self.nics)
+                vm.files = files
             except (RunvError, OSError, ValueError) as e:
                 self.failures += 1
                 delay = min(60.0, 0.5 * 2 ** min(self.failures, 7))
@@ -69,12 +78,19 @@ class Pool:
                      vm.process.pid)
 
     def take(self):
+        try:
+            files = boot_files(self.config)
+        except OSError:
+            files = None
         with self.cond:
             while self.ready:
                 vm = self.ready.popleft()
                 self.cond.notify_all()
-                if vm.process.poll() is None:
+                if vm.process.poll() is None and vm.files == files:
                     return vm
+                if vm.files != files:  # made before the kernel or initrd was replaced
+                    log.info("pool %s: %s runs a kernel or initrd replaced since: dropped",
+                             self.describe(), vm.name)
                 self.factory.forget(vm)
                 vm.reclaim()
         return None

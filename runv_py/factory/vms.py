@@ -129,6 +129,7 @@ class FactoryVM:
     share_server: object = None     # virtiofsd or virtfs-proxy-helper
     qemu_start: str = ""
     nic: dict = dataclasses.field(default_factory=dict)     # {"tap", "mac"}
+    files: tuple = ()              # its kernel's and initrd's identity when it was made
     agent: Optional[RawAgent] = None                        # until handed out
     owner_pid: int = 0
     owner_start: str = ""

@@ -151,11 +151,11 @@ def restore(sandbox_cls, sandbox_id: str, driver, meta: dict, image_dir: str, co
             workdir: str, network, bundle, io: ProcessIO, host_pid: int, rng=os.urandom):
     """A new sandbox that goes on from the checkpoint in ``image_dir`` (``meta`` read
     by read()); its container's init writes to ``io``. ``network`` (the namespace it is
-    restored into) is the sandbox's from now on."""
-    from ..vm.agent_client import AgentClient
+    restored into) is the sandbox's from now on. A checkpoint with a warm copy
+    (vm/warm.py) is restored as a clone of it."""
+    from ..vm import warm
     from ..vm.boot import BootedVM
     from ..vm.launcher import safe
-    from ..vm.template import _private_memory_file, SHM_DIR
     driver = safe(driver)  # QEMU must outlive the thread that asks (a request's)
     if len(meta["containers"]) != 1:
         raise CheckpointError(f"the checkpoint holds {len(meta['containers'])} containers, "
@@ -163,43 +163,36 @@ def restore(sandbox_cls, sandbox_id: str, driver, meta: dict, image_dir: str, co
     config = dataclasses.replace(config, share="9p", **meta["config"])  # its devices
     share_dir = os.path.join(workdir, "share")
     os.makedirs(share_dir, exist_ok=True)
-    memory_file = ""
-    if meta["devices"]["memory_file"]:  # the RAM's block has the file backend's name
-        memory_file = os.path.join(SHM_DIR, f"restore-{os.getpid()}-{sandbox_id[:32]}.mem")
-        _private_memory_file(memory_file)
     wanted = meta["devices"]["nics"]
+    from ..net.late import LateNetwork
+    if wanted == 0 and isinstance(network, LateNetwork):
+        network = None   # a VM made without a NIC (a template's clone): it still has none
     have = network.nics_wanted() if network is not None else 0
-    vm = agent = None
+    if have != wanted:
+        raise FailedPrecondition(f"the checkpointed VM had {wanted} NICs; the network "
+                                 f"namespace it is restored into gives {have}")
+    wmeta = warm.usable(image_dir)
     try:
-        if have != wanted:
-            raise FailedPrecondition(f"the checkpointed VM had {wanted} NICs; the network "
-                                     f"namespace it is restored into gives {have}")
-        vm = driver.launch(config, os.path.join(workdir, "vm"), sandbox_id, share_dir,
-                           memory_file=memory_file, shared_memory=False, incoming=True,
-                           network=network)
-        saved = meta["agent"]
-        agent = AgentClient(*vm.channels(), first_seq=saved["next_seq"],
-                            leftovers=tuple(base64.b64decode(b) for b in saved["leftovers"]))
-        vm.load_state(os.path.join(image_dir, STATE_FILE), ignore_shared=False)
-    except BaseException as e:
-        if agent is not None:
-            agent.close()
-        if vm is not None:
-            failure = vm.failure()
-            vm.stop()
-            if not isinstance(e, FailedPrecondition):
-                raise CheckpointError(f"restoring the VM from {image_dir}: {e}; {failure}") from None
+        if wmeta:
+            vm, agent, config = warm.clone(driver, wmeta, image_dir, config,
+                                           os.path.join(workdir, "vm"), sandbox_id, share_dir,
+                                           network, connect=agent_for(meta))
+            origin = "warm checkpoint"
+        else:
+            vm, agent = load_whole(driver, meta, image_dir, config, workdir, sandbox_id,
+                                   share_dir, network)
+            origin = "checkpoint"
+    except BaseException:
+        if network is not None:
+            network.detach()
         raise
-    finally:
-        if memory_file:
-            os.unlink(memory_file)  # QEMU has it mapped: the pages are its own from now on
-    booted = BootedVM(vm, agent, share_dir, config, origin="checkpoint")
+    log.info("%s restored from %s (%s)", sandbox_id, image_dir, origin)
+    booted = BootedVM(vm, agent, share_dir, config, origin=origin)
     sandbox = sandbox_cls(sandbox_id, booted, network)
     try:
         sandbox.cpus, sandbox.memory_mib = meta["online"]["cpus"], meta["online"]["memory_mib"]
         agent.call(m.Reseed(data=base64.b64encode(rng(64)).decode()))
         if network is not None:
-            from ..net.late import LateNetwork
             macs = meta["guest_macs"]
             if isinstance(network, LateNetwork):
                 network.mac = macs[0] if macs else network.mac
@@ -210,13 +203,53 @@ def restore(sandbox_cls, sandbox_id: str, driver, meta: dict, image_dir: str, co
             for msg in msgs:
                 agent.call(msg)
         held = meta["containers"][0]
-        if held["id"] != sandbox_id:  # restored under another name
-            agent.call(m.RenameContainer(container=held["id"], new_id=sandbox_id))
+        if held["id"] != sandbox_id or bundle.hostname:  # another name, its spec's hostname
+            agent.call(m.RenameContainer(container=held["id"], new_id=sandbox_id,
+                                         hostname=bundle.hostname))
         revive(sandbox, dict(held, id=sandbox_id), bundle, io, host_pid)
     except BaseException:
         sandbox.destroy()
         raise
     return sandbox
+
+
+def agent_for(meta: dict):
+    """What connects to a restored VM's channels: an agent client that goes on with the
+    checkpointed one's stream numbers and half-read frames."""
+    from ..vm.agent_client import AgentClient
+    saved = meta["agent"]
+    leftovers = tuple(base64.b64decode(b) for b in saved["leftovers"])
+    return lambda control, stream: AgentClient(control, stream, first_seq=saved["next_seq"],
+                                               leftovers=leftovers)
+
+
+def load_whole(driver, meta: dict, image_dir: str, config, workdir: str, name: str,
+               share_dir: str, network) -> tuple:
+    """A new QEMU with the checkpointed VM's devices, the whole state loaded into it."""
+    from ..vm.template import SHM_DIR, _private_memory_file
+    memory_file = ""
+    if meta["devices"]["memory_file"]:  # the RAM's block has the file backend's name
+        memory_file = os.path.join(SHM_DIR, f"restore-{os.getpid()}-{name[:32]}.mem")
+        _private_memory_file(memory_file)
+    vm = agent = None
+    try:
+        vm = driver.launch(config, os.path.join(workdir, "vm"), name, share_dir,
+                           memory_file=memory_file, shared_memory=False, incoming=True,
+                           network=network)
+        agent = agent_for(meta)(*vm.channels())
+        vm.load_state(os.path.join(image_dir, STATE_FILE), ignore_shared=False)
+    except BaseException as e:
+        if agent is not None:
+            agent.close()
+        if vm is None:
+            raise
+        failure = vm.failure()
+        vm.stop()
+        raise CheckpointError(f"restoring the VM from {image_dir}: {e}; {failure}") from None
+    finally:
+        if memory_file:
+            os.unlink(memory_file)  # QEMU has it mapped: the pages are its own from now on
+    return vm, agent
 
 
 def revive(sandbox, saved: dict, bundle, io: ProcessIO, host_pid: int) -> Container:
