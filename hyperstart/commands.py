@@ -170,8 +170,12 @@ class Commands:
             raise InvalidArgument(f"bad container id {msg.new_id!r}")
         if msg.new_id in self.containers and msg.new_id != container.id:
             raise AlreadyExists(f"container {msg.new_id!r} already exists")
-        if msg.hostname and container.init is not None and not container.init.exited:
-            set_hostname_of(container.init.pid, msg.hostname)
+        if container.init is not None and not container.init.exited:
+            if msg.hostname:
+                in_namespace_of(container.init.pid, "uts", sc.CLONE_NEWUTS,
+                                lambda: sc.sethostname(msg.hostname), "set the hostname of")
+            if msg.boot_id:
+                give_boot_id(container.init.pid, msg.boot_id)
         if msg.new_id != container.id:
             self.containers[msg.new_id] = self.containers.pop(container.id)
             self.cgroups.rename(container.id, msg.new_id)
@@ -345,17 +349,37 @@ class Commands:
         return m.ProcessListReply(processes=rows)
 
 
-def set_hostname_of(pid: int, hostname: str) -> None:
-    """``hostname`` in the UTS namespace of ``pid`` (a child joins it: the agent stays)."""
+def in_namespace_of(pid: int, kind: str, flag: int, action, what: str) -> None:
+    """``action()`` in a child that joined ``pid``'s ``kind`` namespace (the agent stays)."""
     child = os.fork()
     if child == 0:
         try:
-            fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY)
-            sc.setns(fd, sc.CLONE_NEWUTS)
-            sc.sethostname(hostname)
+            sc.setns(os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY), flag)
+            action()
             os._exit(0)
         except BaseException:
             os._exit(1)
     _, status = os.waitpid(child, 0)
     if status:
-        raise InvalidArgument(f"cannot set the hostname {hostname!r} of a restored container")
+        raise InvalidArgument(f"cannot {what} a restored container")
+
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def give_boot_id(pid: int, boot_id: str) -> None:
+    """The guest kernel made its boot id before the checkpoint and keeps it: a restored
+    container reads a file of its own over it (a bind mount in its mount namespace)."""
+    os.makedirs("/run/runv", exist_ok=True)
+    path = os.path.join("/run/runv", f"boot_id-{pid}")
+    with open(path, "w") as f:
+        f.write(boot_id + "\n")
+    try:
+        tree = sc.clone_tree(path, recursive=False)
+    finally:
+        os.unlink(path)  # the mount holds the file
+    try:
+        in_namespace_of(pid, "mnt", sc.CLONE_NEWNS, lambda: sc.move_into(tree, BOOT_ID),
+                        "give a boot id to")
+    finally:
+        os.close(tree)

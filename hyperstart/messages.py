@@ -320,11 +320,13 @@ class ResetNetwork:
 
 @message(code=p.RENAMECONTAINER)
 class RenameContainer:
-    """A restored container: it goes by ``new_id`` (podman's restore --name), and its
-    UTS namespace takes ``hostname`` (its new spec's), if one is given."""
+    """A restored container: it goes by ``new_id`` (podman's restore --name), its UTS
+    namespace takes ``hostname`` (its new spec's) and it reads ``boot_id`` as its boot
+    id, if they are given."""
     container: str
     new_id: str
     hostname: str = ""
+    boot_id: str = ""
 
 
 @message(code=p.ONLINECPUMEM)

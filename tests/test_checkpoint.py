@@ -109,6 +109,9 @@ def test_left_running_and_a_second_copy_from_the_same_checkpoint(runv, bundle, t
     runv("exec", copy, "sh", "-c", "echo mine > /only-in-copy", check=True)
     assert runv("exec", cid, "test", "-e", "/only-in-copy").returncode == 1
     assert runv.state(copy)["pid"] != runv.state(cid)["pid"]
+    boot_ids = {runv("exec", c, "cat", "/proc/sys/kernel/random/boot_id", check=True).stdout
+                for c in (cid, copy)}
+    assert len(boot_ids) == 2   # the copy's guest kernel is the same boot: its id is not
     for name in (cid, copy):
         runv("delete", "--force", name, check=True)
 
@@ -155,6 +158,12 @@ def test_bad_checkpoints_and_requests_fail_clearly_and_leave_nothing(runv, bundl
         assert not qemu_pids(new)
 
     refused_restore(str(tmp_path / "nothing-here"), b"no runv-py checkpoint")
+    missing = bundle(COUNTER, annotations=CHECKPOINTABLE, mounts=[
+        {"destination": "/data", "type": "bind", "source": str(tmp_path / "gone"),
+         "options": ["rbind"]}])
+    new = runv.id("nobind")
+    r = runv.detached("restore", "-d", "--image-path", image, "-b", missing, new, check=False)
+    assert r.returncode != 0 and b"does not exist" in r.stderr and not qemu_pids(new), r.stderr
     truncated = str(tmp_path / "truncated")
     shutil.copytree(image, truncated)
     with open(os.path.join(truncated, "vm.state"), "r+b") as f:
@@ -213,9 +222,9 @@ def test_warm_restores_share_the_checkpoint_s_memory_yet_differ(runv, bundle, tm
         assert runv("exec", copy, "hostname", check=True).stdout == f"warm-{n}\n".encode()
         with open(os.path.join(runv.root, copy, "state.json")) as f:
             qemus.append(json.load(f)["qemu_pid"])
-    randoms = {runv("exec", c, "head", "-c", "16", "/dev/urandom", check=True).stdout
-               for c in copies}
-    assert len(randoms) == 2   # fresh entropy each
+    for source in ("/dev/urandom", "/proc/sys/kernel/random/boot_id"):
+        seen = {runv("exec", c, "head", "-c", "16", source, check=True).stdout for c in copies}
+        assert len(seen) == 2, source   # fresh entropy, a boot id each
     for pid in qemus:   # the RAM the clones have not written is one copy for both
         mem = smaps_rollup(pid)
         assert mem["Rss"] - mem["Pss"] > 10 * 1024, mem
@@ -314,6 +323,29 @@ def test_ctr_checkpoint_of_a_running_task_and_its_live_restore(containerd):
         except subprocess.TimeoutExpired:
             restorer.kill()
             restorer.wait()
+
+
+def test_podman_restores_a_container_with_a_terminal(podman):
+    """conmon gives the restore a new console socket: the guest's terminal output (the
+    pty is the guest's) goes on to it, and podman logs it."""
+    script = "i=0; while true; do i=$((i+1)); echo $i > /count; echo tick $i; sleep 0.2; done"
+    cid = podman.started("run", "-dt", "--network", "none", "--annotation",
+                         "io.github.runv-py.checkpoint=true", podman.image, "sh", "-c", script)
+
+    def read() -> int:
+        return int(podman("exec", cid, "cat", "/count", check=True).stdout)
+
+    before = wait_count(read, 5)
+    podman("container", "checkpoint", cid, check=True)
+    podman("container", "restore", cid, check=True)
+    target = wait_count(read, before + 10)
+
+    def logged() -> int:
+        ticks = [int(w) for line in podman("logs", cid, check=True).stdout.decode().splitlines()
+                 for w in line.split()[1:2] if line.startswith("tick") and w.isdigit()]
+        return max(ticks, default=0)
+    assert wait_count(logged, target) >= target   # printed after the restore, on the new tty
+    podman("rm", "-f", "-t", "0", cid, check=True)
 
 
 def test_podman_web_server_serves_on_after_restore_here_and_in_another_root(podman, tmp_path):

@@ -171,9 +171,12 @@ def test_start_prints_the_address_and_leaves_a_daemon(tmp_path):
     reply = pb.ConnectResponse.FromString(client.call(
         "containerd.task.v2.Task", "Connect", pb.ConnectRequest(id=cid).SerializeToString()))
     assert reply.shim_pid > 0 and reply.task_pid == 0
-    with pytest.raises(ttrpc.TtrpcError) as e:
+    with pytest.raises(ttrpc.TtrpcError) as e:   # no task yet to checkpoint
         client.call("containerd.task.v2.Task", "Checkpoint",
                     pb.CheckpointTaskRequest(id=cid).SerializeToString())
+    assert e.value.code == ttrpc.NOT_FOUND
+    with pytest.raises(ttrpc.TtrpcError) as e:
+        client.call("containerd.task.v2.Task", "NoSuchMethod", b"")
     assert e.value.code == ttrpc.UNIMPLEMENTED
     with pytest.raises(ttrpc.TtrpcError) as e:
         client.call("containerd.task.v2.Task", "Kill",

@@ -203,9 +203,9 @@ def restore(sandbox_cls, sandbox_id: str, driver, meta: dict, image_dir: str, co
             for msg in msgs:
                 agent.call(msg)
         held = meta["containers"][0]
-        if held["id"] != sandbox_id or bundle.hostname:  # another name, its spec's hostname
-            agent.call(m.RenameContainer(container=held["id"], new_id=sandbox_id,
-                                         hostname=bundle.hostname))
+        import uuid   # its name now, its spec's hostname, a boot id of its own
+        agent.call(m.RenameContainer(container=held["id"], new_id=sandbox_id,
+                                     hostname=bundle.hostname, boot_id=str(uuid.uuid4())))
         revive(sandbox, dict(held, id=sandbox_id), bundle, io, host_pid)
     except BaseException:
         sandbox.destroy()

@@ -39,6 +39,7 @@ def restore(server, config) -> None:
     if member.find_infra(os.path.dirname(server.path), server.bundle.spec, server.cid):
         raise FailedPrecondition("a pod member cannot be restored into its pod's VM")
     meta = checkpoint.read(params.restore_from, config)
+    check_bind_sources(server.bundle.spec)
     driver = probe(params.driver)
     from .namespaces import enter_namespaces
     network = enter_namespaces(server, late_network=True)
@@ -53,3 +54,13 @@ def restore(server, config) -> None:
     server.container = server.sandbox.container(server.cid)
     server.took_container()
     server.update(status=states.RUNNING, started=now_rfc3339())
+
+
+def check_bind_sources(spec: dict) -> None:
+    """The restored container's files are in its VM already, but its spec is the
+    contract: a bind mount whose source is missing is refused, as runc's restore does."""
+    for mnt in spec.get("mounts") or []:
+        bind = mnt.get("type") == "bind" or any(o in ("bind", "rbind") for o in mnt.get("options") or [])
+        if bind and not os.path.exists(mnt.get("source", "")):
+            raise InvalidArgument(f"bind mount source {mnt.get('source')!r} (for "
+                                  f"{mnt.get('destination')}) does not exist")
