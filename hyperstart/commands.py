@@ -351,17 +351,23 @@ class Commands:
 
 def in_namespace_of(pid: int, kind: str, flag: int, action, what: str) -> None:
     """``action()`` in a child that joined ``pid``'s ``kind`` namespace (the agent stays)."""
+    read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
         try:
+            os.close(read_end)
             sc.setns(os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY), flag)
             action()
             os._exit(0)
-        except BaseException:
+        except BaseException as e:
+            os.write(write_end, str(e).encode()[:500])
             os._exit(1)
+    os.close(write_end)
+    why = os.read(read_end, 512).decode(errors="replace")
+    os.close(read_end)
     _, status = os.waitpid(child, 0)
     if status:
-        raise InvalidArgument(f"cannot {what} a restored container")
+        raise InvalidArgument(f"cannot {what} a restored container: {why}")
 
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -376,10 +382,18 @@ def give_boot_id(pid: int, boot_id: str) -> None:
         f.write(boot_id + "\n")
     try:
         tree = sc.clone_tree(path, recursive=False)
+        try:
+            in_namespace_of(pid, "mnt", sc.CLONE_NEWNS, lambda: replace_mount(tree, BOOT_ID),
+                            "give a boot id to")
+        finally:
+            os.close(tree)
     finally:
         os.unlink(path)  # the mount holds the file
-    try:
-        in_namespace_of(pid, "mnt", sc.CLONE_NEWNS, lambda: sc.move_into(tree, BOOT_ID),
-                        "give a boot id to")
-    finally:
-        os.close(tree)
+
+
+def replace_mount(tree: int, target: str) -> None:
+    """``tree`` at ``target`` instead of what an earlier restore put there (whose file
+    is gone: nothing mounts on it)."""
+    if os.path.ismount(target):
+        sc.umount(target, sc.MNT_DETACH)
+    sc.move_into(tree, target)
