@@ -75,7 +75,9 @@ class Sandbox:
             raise
         sandbox = cls(sandbox_id, booted, network)
         try:
-            sandbox.agent.call(m.StartPod(hostname=hostname, share_tag=sandbox.vm.share_tag,
+            # No hostname asked for: the sandbox's id, as a clone or a cached VM has it.
+            sandbox.agent.call(m.StartPod(hostname=hostname or sandbox_id[:63],
+                                          share_tag=sandbox.vm.share_tag,
                                           share_kind=sandbox.vm.share_kind))
             if network is not None and sandbox.vm.network_in_guest:
                 for msg in network.guest_setup():
