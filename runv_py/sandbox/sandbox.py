@@ -108,9 +108,8 @@ class Sandbox:
                          rootfs_tree: int = -1, rootfs_in_guest: bool = False) -> Container:
         """Create ``cid`` from ``bundle`` with its init held until start_container; the
         namespaces in ``shared`` (type -> container id) are that container's. The rootfs
-        is ``rootfs_tree`` if given (a detached mount, maybe from another namespace).
-        With ``rootfs_in_guest`` its files are copied into guest memory, so that the VM
-        can be checkpointed (checkpoint.py)."""
+        is ``rootfs_tree`` if given (a detached mount, maybe from another namespace);
+        ``rootfs_in_guest`` copies its files into guest memory (checkpoint.py)."""
         with self.lock:
             if cid in self.containers:
                 close_io(io)  # ours from the call on, as exec's
