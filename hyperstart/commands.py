@@ -13,7 +13,7 @@ import _signal as signal
 
 from . import messages as m
 from . import protocol as p
-from . import rootfs, states
+from . import restored, rootfs, states
 from . import syscalls as sc
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .model import Container, Process
@@ -94,9 +94,7 @@ class Commands:
     # ---- containers -----------------------------------------------------------------
 
     def new_container(self, msg: m.NewContainer) -> m.PidReply:
-        cid = msg.id
-        if not cid or "/" in cid or cid in (".", ".."):
-            raise InvalidArgument(f"bad container id {cid!r}")
+        cid = check_id(msg.id)
         if cid in self.containers:
             raise AlreadyExists(f"container {cid!r} already exists")
         self.platform.remount_share()  # released for a checkpoint the VM outlived
@@ -166,16 +164,14 @@ class Commands:
 
     def rename_container(self, msg: m.RenameContainer) -> None:
         container = self.container(msg.container)
-        if not msg.new_id or "/" in msg.new_id or msg.new_id in (".", ".."):
-            raise InvalidArgument(f"bad container id {msg.new_id!r}")
+        check_id(msg.new_id)
         if msg.new_id in self.containers and msg.new_id != container.id:
             raise AlreadyExists(f"container {msg.new_id!r} already exists")
         if container.init is not None and not container.init.exited:
             if msg.hostname:
-                in_namespace_of(container.init.pid, "uts", sc.CLONE_NEWUTS,
-                                lambda: sc.sethostname(msg.hostname), "set the hostname of")
+                restored.set_hostname(container.init.pid, msg.hostname)
             if msg.boot_id:
-                give_boot_id(container.init.pid, msg.boot_id)
+                restored.give_boot_id(container.init.pid, msg.boot_id)
         if msg.new_id != container.id:
             self.containers[msg.new_id] = self.containers.pop(container.id)
             self.cgroups.rename(container.id, msg.new_id)
@@ -349,51 +345,8 @@ class Commands:
         return m.ProcessListReply(processes=rows)
 
 
-def in_namespace_of(pid: int, kind: str, flag: int, action, what: str) -> None:
-    """``action()`` in a child that joined ``pid``'s ``kind`` namespace (the agent stays)."""
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:
-        try:
-            os.close(read_end)
-            sc.setns(os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY), flag)
-            action()
-            os._exit(0)
-        except BaseException as e:
-            os.write(write_end, str(e).encode()[:500])
-            os._exit(1)
-    os.close(write_end)
-    why = os.read(read_end, 512).decode(errors="replace")
-    os.close(read_end)
-    _, status = os.waitpid(child, 0)
-    if status:
-        raise InvalidArgument(f"cannot {what} a restored container: {why}")
-
-
-BOOT_ID = "/proc/sys/kernel/random/boot_id"
-
-
-def give_boot_id(pid: int, boot_id: str) -> None:
-    """The guest kernel made its boot id before the checkpoint and keeps it: a restored
-    container reads a file of its own over it (a bind mount in its mount namespace)."""
-    os.makedirs("/run/runv", exist_ok=True)
-    path = os.path.join("/run/runv", f"boot_id-{pid}")
-    with open(path, "w") as f:
-        f.write(boot_id + "\n")
-    try:
-        tree = sc.clone_tree(path, recursive=False)
-        try:
-            in_namespace_of(pid, "mnt", sc.CLONE_NEWNS, lambda: replace_mount(tree, BOOT_ID),
-                            "give a boot id to")
-        finally:
-            os.close(tree)
-    finally:
-        os.unlink(path)  # the mount holds the file
-
-
-def replace_mount(tree: int, target: str) -> None:
-    """``tree`` at ``target`` instead of what an earlier restore put there (whose file
-    is gone: nothing mounts on it)."""
-    if os.path.ismount(target):
-        sc.umount(target, sc.MNT_DETACH)
-    sc.move_into(tree, target)
+def check_id(cid: str) -> str:
+    """A container id that names one directory (its cgroup's, its copy's)."""
+    if not cid or "/" in cid or cid in (".", ".."):
+        raise InvalidArgument(f"bad container id {cid!r}")
+    return cid

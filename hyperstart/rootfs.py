@@ -254,11 +254,15 @@ def _copy_entry(source: str, dest: str) -> None:
         os.mkdir(dest)
         copy_tree(source, dest)
     else:
-        with open(source, "rb") as src, open(dest, "wb") as out:
-            while chunk := src.read(1 << 20):
-                out.write(chunk)
+        _copy_file(source, dest)
     os.chown(dest, st.st_uid, st.st_gid)
     os.chmod(dest, st.st_mode & 0o7777)
+
+
+def _copy_file(source: str, dest: str) -> None:
+    with open(source, "rb") as src, open(dest, "wb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
 
 
 def copy_tree(source: str, target: str) -> None:
@@ -273,9 +277,7 @@ def copy_tree(source: str, target: str) -> None:
             os.mkdir(dest)
             copy_tree(entry.path, dest)
         elif entry.is_file(follow_symlinks=False):
-            with open(entry.path, "rb") as src, open(dest, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    out.write(chunk)
+            _copy_file(entry.path, dest)
         else:
             continue  # sockets, devices: not copied up, as runc
         os.chown(dest, st.st_uid, st.st_gid, follow_symlinks=False)

@@ -39,6 +39,22 @@ def open_state(image_dir: str) -> int:
                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 
 
+def write_checkpoint(image_dir: str, save) -> dict:
+    """The whole checkpoint in ``image_dir``, or none of it: ``save(fd)`` writes the VM's
+    state into the file open as ``fd`` and returns the metadata, written beside it."""
+    try:
+        fd = open_state(image_dir)
+        try:
+            meta = save(fd)
+        finally:
+            os.close(fd)
+        write_image(image_dir, meta)
+    except BaseException:
+        remove_partial(image_dir)
+        raise
+    return meta
+
+
 def write_image(image_dir: str, meta: dict) -> None:
     """What goes beside the state: the metadata, and the file podman looks for."""
     write_json(os.path.join(image_dir, META_FILE), meta)

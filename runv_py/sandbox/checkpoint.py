@@ -24,8 +24,8 @@ import time
 from ..hyperstart import messages as m
 from ..hyperstart import states
 from ..hyperstart.errors import FailedPrecondition, InvalidArgument
-from ..oci.checkpoint_dir import (FORMAT, STATE_FILE, CheckpointError, digest, open_state,
-                                  read, remove_partial, write_image)
+from ..oci.checkpoint_dir import (FORMAT, STATE_FILE, CheckpointError, digest, read,
+                                  write_checkpoint)
 from .container import Container, Process, ProcessIO
 
 log = logging.getLogger("runv_py.checkpoint")
@@ -46,19 +46,21 @@ def wanted(bundle, sandbox) -> bool:
         raise InvalidArgument(f"annotation {ANNOTATION}: true or false, not {asked!r}")
     if asked not in (True, "true"):
         return False
-    if getattr(sandbox.vm, "share_kind", "") != "9p":
-        raise FailedPrecondition(f"{ANNOTATION}: QEMU 7.2 cannot save a VM with a virtio-fs "
-                                 "device (use the 9p share for containers to checkpoint)")
+    require_9p(sandbox.vm)
     return True
+
+
+def require_9p(vm) -> None:
+    if getattr(vm, "share_kind", "") != "9p":
+        raise FailedPrecondition("QEMU 7.2 cannot save a VM with a virtio-fs device; use the "
+                                 "9p share (share = \"9p\") for containers to checkpoint")
 
 
 def check_checkpointable(sandbox) -> None:
     vm = sandbox.vm
     if not hasattr(vm, "save_state"):
         raise FailedPrecondition("only a VM sandbox can be checkpointed")
-    if vm.share_kind != "9p":
-        raise FailedPrecondition("QEMU 7.2 cannot save a VM with a virtio-fs device; "
-                                 "use the 9p share (share = \"9p\") for containers to checkpoint")
+    require_9p(vm)
     for container in sandbox.alive_containers():
         if not container.rootfs_in_guest:
             raise FailedPrecondition(
@@ -74,6 +76,8 @@ def save(sandbox, state_fd: int, leave_running: bool) -> dict:
     pauses a task before its checkpoint), else it stays stopped (its owner ends it)."""
     check_checkpointable(sandbox)
     booted, vm, agent = sandbox.booted, sandbox.vm, sandbox.agent
+    # Hashed before the VM stops: tens of MB that need not lengthen its pause.
+    digests = {f"{key}_sha256": digest(getattr(booted.config, key)) for key in ("kernel", "initrd")}
     started = time.monotonic()
     with sandbox.lock:
         if sandbox.paused:
@@ -89,9 +93,7 @@ def save(sandbox, state_fd: int, leave_running: bool) -> dict:
             vm.save_state_to(state_fd, ignore_shared=False)
             saved = time.monotonic()
             meta = {
-                "format": FORMAT, "runtime": "runv-py", "created": time.time(),
-                "kernel_sha256": digest(booted.config.kernel),
-                "initrd_sha256": digest(booted.config.initrd),
+                "format": FORMAT, "runtime": "runv-py", "created": time.time(), **digests,
                 "config": {k: getattr(booted.config, k) for k in
                            ("cpus", "memory_mib", "max_cpus", "max_memory_mib")},
                 "online": {"cpus": sandbox.cpus, "memory_mib": sandbox.memory_mib},
@@ -117,17 +119,7 @@ def save(sandbox, state_fd: int, leave_running: bool) -> dict:
 
 def save_to_dir(sandbox, image_dir: str, leave_running: bool) -> dict:
     """save() into ``image_dir`` in this process's view of the files."""
-    try:
-        fd = open_state(image_dir)
-        try:
-            meta = save(sandbox, fd, leave_running)
-        finally:
-            os.close(fd)
-        write_image(image_dir, meta)
-    except BaseException:
-        remove_partial(image_dir)
-        raise
-    return meta
+    return write_checkpoint(image_dir, lambda fd: save(sandbox, fd, leave_running))
 
 
 def guest_macs(network) -> list:

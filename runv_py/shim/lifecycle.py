@@ -156,20 +156,12 @@ def checkpoint(root: str, cid: str, image_path: str, leave_running: bool = False
         from ..oci import checkpoint_dir as image
         # Opened here: the shim lives in a mount namespace of its own, which may not
         # see the caller's path (a disk mounted since the container started).
-        try:
-            fd = image.open_state(image_path)
-            try:
-                reply = ShimClient(record, timeout=SPAWN_TIMEOUT).call(
-                    p.Checkpoint(leave_running=leave_running), fds=(fd,))
-            finally:
-                os.close(fd)
-            image.write_image(image_path, reply["meta"])
-        except BaseException:
-            image.remove_partial(image_path)
-            raise
+        meta = image.write_checkpoint(image_path, lambda fd: ShimClient(
+            record, timeout=SPAWN_TIMEOUT).call(p.Checkpoint(leave_running=leave_running),
+                                                fds=(fd,))["meta"])
         if not leave_running:
             hostproc.wait_gone(record.shim_pid, 10.0)
-    return reply["meta"]
+    return meta
 
 
 def kill_shim(record: Record, timeout: float = 5.0) -> None:

@@ -17,14 +17,13 @@ metadata it was made from.
 """
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 import time
 
 from ..hyperstart.errors import FailedPrecondition
-from ..oci.checkpoint_dir import META_FILE, STATE_FILE, read
+from ..oci.checkpoint_dir import META_FILE, STATE_FILE, read, write_json
 from . import template
 
 WARM_DIR = "warm"
@@ -91,10 +90,7 @@ def make(driver, image_dir: str, config) -> dict:
                      "memory_file": memory_file, "created": time.time(),
                      "state_bytes": os.path.getsize(state),
                      "checkpoint": _meta_digest(image_dir)}
-            tmp = os.path.join(wdir, template.META_FILE + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(wmeta, f, indent=1)
-            os.rename(tmp, os.path.join(wdir, template.META_FILE))
+            write_json(os.path.join(wdir, template.META_FILE), wmeta)  # the copy exists now
             return wmeta
         except BaseException:
             template._remove_files(wdir, memory_file)
