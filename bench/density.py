@@ -3,7 +3,8 @@ on): N idle pods through CRI (one containerd with the CRI plugin, the tests' har
 runc's handler and runv-py's side by side in one run; and N idle containers through the
 CLI (`runv-py run -d` against `runc run -d`).
 
-For every step of N it prints the PSS per pod split by component (runv-py: the shim,
+For every step of N it prints the PSS per pod split by component (runv-py: the shim
+with its share of the shim v2's fork server,
 QEMU's guest RAM, its TCG translation cache, the rest of QEMU, the share's server
 (virtiofsd, or virtfs-proxy-helper for a jailed QEMU's 9p), and the
 factory's share: its own process and its ready VMs divided by N), and the drop in the
@@ -22,7 +23,7 @@ import uuid
 from common import RUNV, bundle, have_runc, median
 from runv_py.factory import left_as_found  # noqa: E402
 from pss import (factory_kb, factory_status, mem_available_kb, pools_full, shim_of, tree_kb,
-                 vm_breakdown)
+                 vm_breakdown, zygote_kb)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
@@ -33,16 +34,19 @@ PARTS = ("shim", "guest_ram", "tcg_cache", "qemu", "share_server", "factory")
 SETTLE = 3.0   # seconds for the guests to go idle before measuring
 
 
-def per_pod(sandboxes: list, vms: bool, baseline_kb: int) -> dict:
+def per_pod(sandboxes: list, vms: bool, baseline_kb: int, forked: bool = False) -> dict:
     """Per-sandbox figures (MiB) for ``sandboxes``, [(owner pid, name)] running now: the
     median of each part, the factory's share, the MemAvailable drop. ``vms``: runv-py's
-    (split by component), else runc's (the owner's process tree)."""
+    (split by component), else runc's (the owner's process tree). ``forked``: the shims
+    are the shim v2's daemons, forked by its fork server."""
     time.sleep(SETTLE)
     status = factory_status() if vms else {}
     rows = [vm_breakdown(owner, name, status) if vms else {"shim": tree_kb(owner)}
             for owner, name in sandboxes]
     n = len(sandboxes)
     out = {part: median([r.get(part, 0) for r in rows]) / 1024 for part in PARTS[:-1]}
+    if forked:  # the shim v2's fork server, divided among the pods like the factory
+        out["shim"] += zygote_kb() / n / 1024
     out["factory"] = factory_kb(status) / n / 1024
     out["total"] = sum(out[p] for p in PARTS)
     out["mem_available_drop"] = (baseline_kb - mem_available_kb()) / n / 1024
@@ -70,7 +74,8 @@ def cri_run(steps: list) -> dict:
                                                                ["sleep", "3600"]))
                     pods.append(pod)
                 results[handler][target] = per_pod([(shim_of(p), p) for p in pods],
-                                                   handler == RUNVPY_HANDLER, baseline)
+                                                   handler == RUNVPY_HANDLER, baseline,
+                                                   forked=handler == RUNVPY_HANDLER)
                 print(f"{handler}: {target} pods: {results[handler][target]['total']:.1f} MiB "
                       "per pod", file=sys.stderr)
             # Every pod still answers: an exec in each, all of them running at once.

@@ -10,7 +10,10 @@ import time
 from runv_py.compare.measure import descendants, pss_kb
 
 MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
-GUEST_RAM = ("memfd:memory-backend", "/dev/shm/runv-py/", "/memfd:")
+# A clone's RAM file is /mem/ram in the jail's chroot (the host shows that path); a
+# cold boot's RAM is an anonymous mapping the size of the guest.
+GUEST_RAM = ("memfd:memory-backend", "/dev/shm/runv-py/", "/memfd:", "/vm/jail/mem/ram")
+ANON_RAM_MIN = 128 << 20
 
 
 def qemu_split(pid: int) -> dict:
@@ -25,7 +28,9 @@ def qemu_split(pid: int) -> dict:
                 m = MAPPING.match(line)
                 if m:
                     perms, name = m.group(3), m.group(4)
-                    if any(tag in name for tag in GUEST_RAM):
+                    size = int(m.group(2), 16) - int(m.group(1), 16)
+                    if any(tag in name for tag in GUEST_RAM) or \
+                            (not name and "x" not in perms and size >= ANON_RAM_MIN):
                         kind = "guest_ram"
                     elif not name and "x" in perms:
                         kind = "tcg_cache"
@@ -96,6 +101,13 @@ def vm_breakdown(owner: int, name: str, status: dict) -> dict:
     row["share_server"] = tree_kb(vfsd) if vfsd else 0
     row["shim"] = tree_kb(owner, skip={qemu, vfsd} | set(descendants(qemu) if qemu else []))
     return row
+
+
+def zygote_kb() -> int:
+    """The shim v2's fork server (its PSS: what it shares with its daemons is split)."""
+    from runv_py.shimv2.zygote import pid_of_server
+    pid = pid_of_server()
+    return pss_kb(pid) if pid else 0
 
 
 def factory_kb(status: dict) -> int:

@@ -7,6 +7,7 @@ runtime started by podman or docker) are told. One table at the top level:
 - the node's VM factory: ``factory`` (on by default), ``factory_pool``;
 - checkpointable containers (their files in guest memory): ``checkpoint`` (off by
   default; the annotation io.github.runv-py.checkpoint decides per container);
+- the shim v2's fork server (runv_py/shimv2/zygote.py): ``shim_zygote`` (on by default);
 - the VMM jail: ``jail`` (on by default; read by drivers/jail.py, which may import
   nothing of ours, from the same file).
 
@@ -18,7 +19,8 @@ from . import paths
 from .hyperstart.errors import InvalidArgument
 
 KNOWN = ("kernel", "initrd", "driver", "default_cpus", "default_memory", "template",
-         "factory_policy", "share", "factory", "factory_pool", "jail", "checkpoint")
+         "factory_policy", "share", "factory", "factory_pool", "jail", "checkpoint",
+         "shim_zygote")
 
 
 def node_file(environ=os.environ) -> tuple:

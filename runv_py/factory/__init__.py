@@ -55,9 +55,11 @@ def settings() -> dict:
 
 @contextlib.contextmanager
 def left_as_found():
-    """Stop the node's factory on the way out if it was not running on the way in: a test
-    run or a benchmark whose clients started it must not leave its pooled VMs behind."""
-    was_running = os.path.exists(path(SOCKET))
+    """Stop the node's factory, and the shim v2's fork server, on the way out if they were
+    not running on the way in: a test run or a benchmark whose clients started them must
+    not leave their pooled VMs or processes behind."""
+    from ..shimv2 import zygote
+    was_running, zygote_was_running = os.path.exists(path(SOCKET)), zygote.running()
     try:
         yield
     finally:
@@ -66,3 +68,5 @@ def left_as_found():
             import sys
             subprocess.run([sys.executable, "-m", "runv_py.cli", "factory", "stop"],
                            capture_output=True, timeout=120)
+        if not zygote_was_running and zygote.running():
+            zygote.stop_server()

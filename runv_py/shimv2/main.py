@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 from .. import ttrpc
 from ..hyperstart.errors import RunvError
 from ..oci.bundle import check_id
+from . import zygote
 from .pb import shimv2_pb2 as pb
 
 log = logging.getLogger("runv_py.shimv2")
@@ -107,18 +108,20 @@ def start(flags: Flags) -> int:
     finally:
         os.umask(old_umask)
     listener.listen(64)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    # Python fds are close-on-exec: the daemon gets the listener explicitly (pass_fds
-    # makes it inheritable) and none of containerd's pipes, so that `start`'s output
-    # ends when `start` does.
     fd = listener.fileno()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "runv_py.shimv2", *flags.argv(), "-socket", str(fd), "serve"],
-        stdin=devnull, stdout=devnull, stderr=devnull, cwd=bundle, start_new_session=True,
-        pass_fds=(fd,))
+    pid = zygote.spawn(flags.argv(), fd, bundle) if zygote.enabled() else 0
+    if not pid:
+        # Python fds are close-on-exec: the daemon gets the listener explicitly
+        # (pass_fds makes it inheritable) and none of containerd's pipes, so that
+        # `start`'s output ends when `start` does.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        pid = subprocess.Popen(
+            [sys.executable, "-m", "runv_py.shimv2", *flags.argv(), "-socket", str(fd),
+             "serve"], stdin=devnull, stdout=devnull, stderr=devnull, cwd=bundle,
+            start_new_session=True, pass_fds=(fd,)).pid
     listener.close()
     write_address(bundle, address)
-    log.debug("daemon %d serves %s", child.pid, address)
+    log.debug("daemon %d serves %s", pid, address)
     sys.stdout.write(address)
     sys.stdout.flush()
     return 0
@@ -207,6 +210,10 @@ def serve(flags: Flags) -> int:
     service = TaskService(flags.get("namespace"), task_id(flags), bundle,
                           os.environ.get("TTRPC_ADDRESS", ""), listener, config, factory)
     log.info("serving %s in %s", flags.get("id"), bundle)
+    if zygote.forked_from:
+        log.info("forked by the shim fork server (pid %d)", zygote.forked_from)
+    elif os.environ.get(zygote.COLD_REASON):
+        log.info("started on its own, not forked: %s", os.environ.pop(zygote.COLD_REASON))
     server = ttrpc.Server(service.handlers())
     threading.Thread(target=server.serve, args=(listener,), name="accept", daemon=True).start()
     service.shutdown.wait()  # QEMU dies with this process (its launcher thread's)
@@ -233,7 +240,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if flags.action == "version":
         print("containerd-shim-runvpy-v2 (runv-py)")
         sys.exit(0)
-    actions = {"start": start, "delete": delete, "serve": serve}
+    actions = {"start": start, "delete": delete, "serve": serve,
+               "zygote": lambda _: zygote.serve()}
     action = actions.get(flags.action)
     if action is None:
         print(f"containerd-shim-runvpy-v2: unknown action {flags.action!r} "
