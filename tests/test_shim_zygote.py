@@ -119,3 +119,14 @@ def test_the_switch_turns_it_off(tmp_path, monkeypatch):
     assert out == "plain\n"
     assert "forked" not in log and "not forked" not in log
     assert zygote.pid_of_server() == server
+
+
+def test_a_caller_with_other_import_time_settings_gets_a_daemon_of_its_own(tmp_path,
+                                                                           monkeypatch):
+    """A forked daemon has the values the server read at import (RUNV_TB_SIZE, ...)."""
+    server = fresh_server()
+    monkeypatch.setenv("RUNV_BOOT_TIMEOUT", "61")
+    pid, log, out = run_echo(tmp_path, "env", "own")
+    assert out == "own\n"
+    assert "not forked: the shim fork server refused: the caller's RUNV_BOOT_TIMEOUT" in log
+    assert zygote.pid_of_server() == server  # it serves on for the others

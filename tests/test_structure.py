@@ -96,3 +96,13 @@ def test_no_python_between_fork_and_exec(path, module, is_package):
     calls = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
              and any(k.arg == "preexec_fn" for k in node.keywords)]
     assert not calls, f"{module} passes preexec_fn at lines {calls}"
+
+
+def test_the_fork_server_knows_every_setting_read_at_import():
+    """A module-level os.environ read is frozen in the shim v2's fork server: the server
+    must compare it (zygote.IMPORT_TIME_ENV) before it forks a daemon for a caller."""
+    import re
+    from runv_py.shimv2.zygote import IMPORT_TIME_ENV
+    read = re.compile(r"^\w+(?::[^=]*)?\s*=.*environ\.get\(\s*\"(\w+)\"", re.M)
+    found = {name for path, _, _ in ALL for name in read.findall(open(path).read())}
+    assert found and found <= set(IMPORT_TIME_ENV), found - set(IMPORT_TIME_ENV)

@@ -139,6 +139,8 @@ class NodeFactory:
                     join_own_cgroups(pid)
             if network is not None:
                 network.adopt_tap(info["nic"]["tap"], info["nic"]["mac"])
+            if info.get("paused"):  # a template's clone, stopped since it was loaded
+                vm.resume()
             agent = AgentClient(control, stream)
             # A pooled VM is not a twin of its siblings: fresh entropy, its own hostname.
             agent.call(m.Reseed(data=base64.b64encode(os.urandom(64)).decode(),

@@ -125,6 +125,7 @@ class FactoryVM:
     config: dict                   # the BootConfig it runs with
     share_kind: str
     origin: str                    # "template" (a clone) or "cold"
+    paused: bool = False           # a clone waits stopped: its taker resumes it
     process: object = None         # Popen (ours) or drivers.adopted.Adopted
     share_server: object = None     # virtiofsd or virtfs-proxy-helper
     qemu_start: str = ""
@@ -149,6 +150,7 @@ class FactoryVM:
                 "share_server_pid": self.share_server.pid if self.share_server else 0,
                 "workdir": os.path.join(self.dir, "vm"), "share_dir": os.path.join(self.dir, "share"),
                 "share_kind": self.share_kind, "config": self.config, "origin": self.origin,
+                "paused": self.paused,
                 "nic": self.nic, "key": list(self.key), "owner_pid": self.owner_pid,
                 "owner_start": self.owner_start, "container": self.container}
 
@@ -188,20 +190,23 @@ def make(driver, name: str, key: tuple, config: BootConfig, nics: int) -> Factor
             meta = template.load(tdir)
             if nic is not None:
                 nic = HoldingNic(name, meta.get("nic_mac", ""))
+            # Stopped until handed out: an idle clone would fill its translation cache
+            # and touch guest memory (12 MiB) for nothing; the shim resumes and reseeds it.
             qemu, agent, used = template.clone(driver, meta, tdir, config, workdir,
                                                f"factory-{name}", share, network=nic,
-                                               detached=True, connect=RawAgent)
-            origin = "template"
+                                               detached=True, connect=RawAgent, run=False)
+            origin, paused = "template", True
         else:
             qemu = driver.launch(config, workdir, f"factory-{name}", share, network=nic,
                                  detached=True)
             agent = RawAgent(*qemu.channels())
             agent.wait_ready(BOOT_TIMEOUT, qemu.alive)
-            used, origin = config, "cold"
+            used, origin, paused = config, "cold", False
         vm = FactoryVM(name=name, key=key, config=dataclasses.asdict(used),
                        share_kind=qemu.share_kind, origin=origin, process=qemu.process,
                        share_server=qemu.share_server, qemu_start=hostproc.start_time(qemu.pid),
-                       nic={"tap": nic.tap, "mac": nic.mac} if nic else {}, agent=agent)
+                       nic={"tap": nic.tap, "mac": nic.mac} if nic else {}, agent=agent,
+                       paused=paused)
         vm.pidfd = os.pidfd_open(qemu.pid)
         qemu.close()  # QMP and the directory fd: the shim opens its own
         vm.write_record()

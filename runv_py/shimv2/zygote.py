@@ -35,6 +35,11 @@ REPLY_TIMEOUT = 10.0
 TITLE_ROOM = 2048   # bytes of argv the zygote keeps for its daemons' command lines
 COLD_REASON = "RUNVPY_SHIM_COLD_REASON"
 forked_from = 0     # in a forked daemon: the zygote's pid
+# Read once, when a module is imported (tests/test_structure.py keeps this list whole):
+# a daemon forked from here has the zygote's values, so a caller with others gets a
+# daemon of its own.
+IMPORT_TIME_ENV = ("RUNV_CACHE", "RUNV_BOOT_TIMEOUT", "RUNV_FACTORY_DIR", "RUNV_TB_SIZE",
+                   "RUNV_VIRTFS_PROXY", "RUNV_VIRTIOFSD", "RUNVPY_ZYGOTE_DIR")
 
 
 def enabled() -> bool:
@@ -70,7 +75,8 @@ def spawn(argv: List[str], listener: int, bundle: str) -> int:
         reply, _ = wire.recv(sock)
     if reply.get("pid"):
         return int(reply["pid"])
-    start_server()
+    if reply.get("stale"):
+        start_server()
     os.environ[COLD_REASON] = f"the shim fork server refused: {reply.get('reason')}"
     return 0
 
@@ -158,11 +164,18 @@ def answer(conn: socket.socket, server: socket.socket, stamp: dict) -> bool:
             log.info("stopping, as asked")
             return False
         if code_stamp() != stamp:
-            wire.send(conn, {"reason": "runv-py's code changed since it started: exiting"})
+            wire.send(conn, {"reason": "runv-py's code changed since it started: exiting",
+                             "stale": True})
             log.info("runv-py's code changed on disk: exiting")
             return False
-        if len(fds) != 1 or not isinstance(request.get("argv"), list):
-            raise wire.WireError("a request carries argv and one listener")
+        if len(fds) != 1 or not isinstance(request.get("argv"), list) or \
+                not isinstance(request.get("env"), dict):
+            raise wire.WireError("a request carries argv, env and one listener")
+        differ = [k for k in IMPORT_TIME_ENV if request["env"].get(k) != os.environ.get(k)]
+        if differ:
+            wire.send(conn, {"reason": f"the caller's {', '.join(differ)} differ from the "
+                                       "server's"})
+            return True
         fork_daemon(request, fds[0], conn, server)
     except (OSError, EOFError, wire.WireError) as e:
         log.warning("request refused: %s", e)

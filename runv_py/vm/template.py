@@ -208,9 +208,10 @@ def fits(meta: dict, config) -> str:
 
 def clone(driver, meta: dict, template_dir: str, config, workdir: str, name: str,
           share_dir: str, network=None, detached: bool = False,
-          connect=AgentClient) -> tuple:
+          connect=AgentClient, run: bool = True) -> tuple:
     """Start a clone of the template in ``workdir``; returns (VM, agent, config), the
-    agent made by ``connect`` from the VM's two channels.
+    agent made by ``connect`` from the VM's two channels. ``run=False`` leaves it
+    loaded but stopped, not yet reseeded: whoever resumes it must reseed it.
 
     ``config`` is the template's own BootConfig with the request's other settings. A
     template made with a NIC needs a ``network`` for its clone (see create)."""
@@ -237,11 +238,12 @@ def clone(driver, meta: dict, template_dir: str, config, workdir: str, name: str
         # The agent's ports were connected when the template was saved: connecting before
         # the state loads means the guest never sees them close, and answers at once.
         agent = connect(*vm.channels())
-        vm.load_state(f"{own}/{state_fd}")
+        vm.load_state(f"{own}/{state_fd}", run=run)
         # A clone is not a twin: fresh entropy, its own hostname. The first answer also
         # says the agent is alive.
-        agent.call(m.Reseed(data=base64.b64encode(os.urandom(64)).decode(), hostname=name[:63]),
-                   timeout=BOOT_TIMEOUT)
+        if run:
+            agent.call(m.Reseed(data=base64.b64encode(os.urandom(64)).decode(),
+                                hostname=name[:63]), timeout=BOOT_TIMEOUT)
     except (RunvError, OSError, ValueError) as e:
         if agent is not None:
             agent.close()
