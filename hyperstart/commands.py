@@ -77,7 +77,10 @@ class Commands:
 
     def reseed(self, msg: m.Reseed) -> None:
         """A VM cloned from a template must not share its random state or name with its
-        siblings: fresh entropy from the host, and its own hostname."""
+        siblings: fresh entropy from the host, and its own hostname; and the host's time,
+        which its clock lost while it waited stopped."""
+        if msg.time_ns:
+            self.platform.set_time(msg.time_ns)
         self.platform.reseed(binascii.a2b_base64(msg.data))
         if msg.hostname:
             self.platform.set_hostname(msg.hostname)

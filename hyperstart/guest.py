@@ -86,6 +86,9 @@ class GuestPlatform:
             fcntl.ioctl(f, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
             fcntl.ioctl(f, RNDRESEEDCRNG)
 
+    def set_time(self, time_ns: int) -> None:
+        time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
+
     def online_cpu_mem(self, cpus: int, memory_mib: int) -> None:
         from . import hotplug
         hotplug.online_cpus(cpus)

@@ -64,6 +64,9 @@ class HostPlatform:
     def reseed(self, data: bytes) -> None:
         pass  # the host's kernel RNG is not ours to reseed
 
+    def set_time(self, time_ns: int) -> None:
+        pass  # the host's clock is the host's
+
     def online_cpu_mem(self, cpus: int, memory_mib: int) -> None:
         pass  # the host's CPUs and memory: the sandbox's cgroups cap them
 

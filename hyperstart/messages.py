@@ -272,6 +272,7 @@ class ProcessList:
 class Reseed:
     data: str = ""           # base64 entropy
     hostname: str = ""
+    time_ns: int = 0         # the host's wall clock: a VM that waited stopped lags behind
 
 
 @message(code=p.STREAMCLOSED)

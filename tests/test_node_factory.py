@@ -184,6 +184,16 @@ def test_containers_get_pooled_vms_that_are_not_twins(frunv, factory, bundle):
     assert seen[0][1] != seen[1][1], "two pooled VMs gave the same random bytes"
 
 
+def test_a_vm_that_waited_in_the_pool_has_the_host_s_time(frunv, factory, bundle):
+    """A template's clone waits stopped, and a stopped VM's clock stands still: the
+    shim that takes it gives it the host's time."""
+    factory.ready()
+    time.sleep(8)  # longer than the check's slack below
+    r = run(frunv, factory, "run", "-b", bundle(["date", "+%s"]), frunv.id())
+    assert r.returncode == 0, r.stderr
+    assert abs(int(r.stdout.decode().split()[0]) - time.time()) < 4, r.stdout
+
+
 def test_a_container_from_the_factory_and_its_cleanup(frunv, factory, bundle):
     factory.ready()
     cid = frunv.id()

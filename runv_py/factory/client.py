@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from typing import Optional
 
 from ..drivers import DriverError
@@ -144,7 +145,8 @@ class NodeFactory:
             agent = AgentClient(control, stream)
             # A pooled VM is not a twin of its siblings: fresh entropy, its own hostname.
             agent.call(m.Reseed(data=base64.b64encode(os.urandom(64)).decode(),
-                                hostname=name[:63]), timeout=BOOT_TIMEOUT)
+                                hostname=name[:63], time_ns=time.time_ns()),
+                       timeout=BOOT_TIMEOUT)
         except (RunvError, OSError, KeyError, TypeError) as e:
             if agent is not None:
                 agent.close()

@@ -183,7 +183,8 @@ def restore(sandbox_cls, sandbox_id: str, driver, meta: dict, image_dir: str, co
     sandbox = sandbox_cls(sandbox_id, booted, network)
     try:
         sandbox.cpus, sandbox.memory_mib = meta["online"]["cpus"], meta["online"]["memory_mib"]
-        agent.call(m.Reseed(data=base64.b64encode(rng(64)).decode()))
+        agent.call(m.Reseed(data=base64.b64encode(rng(64)).decode(),
+                            time_ns=time.time_ns()))
         if network is not None:
             macs = meta["guest_macs"]
             if isinstance(network, LateNetwork):

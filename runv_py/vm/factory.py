@@ -148,7 +148,8 @@ class CacheFactory:
         try:
             # Like a clone, a cached VM gets the container's name as its hostname.
             booted.agent.call(m.Reseed(data=base64.b64encode(os.urandom(32)).decode(),
-                                       hostname=name[:63]), timeout=BOOT_TIMEOUT)
+                                       hostname=name[:63], time_ns=time.time_ns()),
+                              timeout=BOOT_TIMEOUT)
         except Exception as e:
             _discard(booted)
             raise DriverError(f"a cached VM did not answer: {e}") from None

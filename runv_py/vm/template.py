@@ -243,7 +243,8 @@ def clone(driver, meta: dict, template_dir: str, config, workdir: str, name: str
         # says the agent is alive.
         if run:
             agent.call(m.Reseed(data=base64.b64encode(os.urandom(64)).decode(),
-                                hostname=name[:63]), timeout=BOOT_TIMEOUT)
+                                hostname=name[:63], time_ns=time.time_ns()),
+                       timeout=BOOT_TIMEOUT)
     except (RunvError, OSError, ValueError) as e:
         if agent is not None:
             agent.close()
