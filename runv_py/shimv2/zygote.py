@@ -255,6 +255,7 @@ def preload() -> None:
     from ..sandbox import private_mount_namespace  # noqa: F401
     from ..vm.boot import BootConfig  # noqa: F401
     from . import config, service  # noqa: F401
+    import qemu.qmp.legacy  # noqa: F401  (a pooled VM is resumed over QMP: asyncio, ssl)
 
 
 def code_stamp() -> dict:
