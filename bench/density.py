@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from cri.harness import RUNC_HANDLER, RUNVPY_HANDLER, CriContainerd  # noqa: E402
 from cri.config import missing_prerequisites  # noqa: E402
 
+KSM = "/sys/kernel/mm/ksm/"
 PARTS = ("shim", "guest_ram", "tcg_cache", "qemu", "share_server", "factory")
 SETTLE = 3.0   # seconds for the guests to go idle before measuring
 
@@ -53,9 +54,23 @@ def per_pod(sandboxes: list, vms: bool, baseline_kb: int, forked: bool = False) 
     return out
 
 
-def cri_run(steps: list) -> dict:
+def ksm_pass(scans: int = 2, timeout: float = 300) -> float:
+    """Start ksmd and wait for ``scans`` full passes over memory; seconds it took."""
+    started = time.monotonic()
+    with open(KSM + "run", "w") as f:
+        f.write("1")
+    first = int(open(KSM + "full_scans").read())
+    while int(open(KSM + "full_scans").read()) < first + scans:
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"ksmd did not finish {scans} passes in {timeout:.0f} s")
+        time.sleep(1)
+    return time.monotonic() - started
+
+
+def cri_run(steps: list, ksm: bool = False) -> dict:
     results = {}
-    with CriContainerd(log_level="info") as cri:
+    env = {"RUNV_KSM": "on"} if ksm else {}
+    with CriContainerd(log_level="info", env=env) as cri:
         cri.client.rpc_timeout = 180
         logs = tempfile.mkdtemp(prefix="runv-density-")
         for handler in (RUNC_HANDLER, RUNVPY_HANDLER):
@@ -78,6 +93,11 @@ def cri_run(steps: list) -> dict:
                                                    forked=handler == RUNVPY_HANDLER)
                 print(f"{handler}: {target} pods: {results[handler][target]['total']:.1f} MiB "
                       "per pod", file=sys.stderr)
+            if ksm and handler == RUNVPY_HANDLER:  # the same pods, once ksmd has merged
+                took = ksm_pass()
+                results["runvpy + KSM"] = {steps[-1]: per_pod(
+                    [(shim_of(p), p) for p in pods], True, baseline, forked=True)}
+                print(f"KSM: two full passes in {took:.0f} s", file=sys.stderr)
             # Every pod still answers: an exec in each, all of them running at once.
             answered = sum(cri.client.exec_sync(c, ["true"], timeout=60)[0] == 0
                            for c in containers)
@@ -149,6 +169,10 @@ def main() -> int:
     parser.add_argument("--steps", default="1,5,10", help="pod counts to measure at")
     parser.add_argument("--cli", type=int, default=5, help="idle CLI containers per runtime")
     parser.add_argument("--chart", default="", help="write the PSS-against-N chart here")
+    parser.add_argument("--ksm", action="store_true",
+                        help="runv-py's VMs mergeable (RUNV_KSM=on), and at the last step the "
+                        "same pods again once ksmd has merged (the node factory must not be "
+                        "running yet: it would not have KSM on)")
     args = parser.parse_args()
     steps = sorted({int(s) for s in args.steps.split(",")})
     missing = missing_prerequisites()
@@ -158,10 +182,21 @@ def main() -> int:
     if os.environ.get("RUNV_FACTORY", "").lower() in ("0", "off", "false", "no"):
         print("note: RUNV_FACTORY is off: these are the figures without the factory",
               file=sys.stderr)
-    cri = cri_run(steps)
+    if args.ksm and factory_status():
+        print("cannot run with --ksm: a node factory runs already (runv-py factory stop)",
+              file=sys.stderr)
+        return 1
+    was = open(KSM + "run").read().strip() if args.ksm else ""
+    try:
+        cri = cri_run(steps, args.ksm)
+    finally:
+        if args.ksm:  # as found (2: stopped, and what it merged unmerged)
+            with open(KSM + "run", "w") as f:
+                f.write("2" if was == "0" else was)
     for n in steps:
+        rows = [h for h in (RUNC_HANDLER, RUNVPY_HANDLER, "runvpy + KSM") if n in cri.get(h, {})]
         table(f"CRI, {n} idle pods: MiB per pod (medians; factory = its share)",
-              {h: cri[h][n] for h in (RUNC_HANDLER, RUNVPY_HANDLER)}, RUNC_HANDLER)
+              {h: cri[h][n] for h in rows}, RUNC_HANDLER)
     for h in (RUNC_HANDLER, RUNVPY_HANDLER):
         print(f"  {h}: {cri[h]['answered']} pods answered an exec with {steps[-1]} running; "
               f"{cri[h]['seconds_to_start_all']:.0f} s to start them all")

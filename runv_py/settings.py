@@ -7,6 +7,7 @@ runtime started by podman or docker) are told. One table at the top level:
 - the node's VM factory: ``factory`` (on by default), ``factory_pool``;
 - checkpointable containers (their files in guest memory): ``checkpoint`` (off by
   default; the annotation io.github.runv-py.checkpoint decides per container);
+- kernel same-page merging of VMs' memory: ``ksm`` (off by default: see host/ksm.py);
 - the shim v2's fork server (runv_py/shimv2/zygote.py): ``shim_zygote`` (on by default);
 - the VMM jail: ``jail`` (on by default; read by drivers/jail.py, which may import
   nothing of ours, from the same file).
@@ -20,7 +21,7 @@ from .hyperstart.errors import InvalidArgument
 
 KNOWN = ("kernel", "initrd", "driver", "default_cpus", "default_memory", "template",
          "factory_policy", "share", "factory", "factory_pool", "jail", "checkpoint",
-         "shim_zygote")
+         "shim_zygote", "ksm")
 
 
 def node_file(environ=os.environ) -> tuple:

@@ -370,3 +370,51 @@ def _try(fn):
         return fn()
     except OSError:
         return None
+
+
+def ksm_stat(pid: int) -> dict:
+    with open(f"/proc/{pid}/ksm_stat") as f:
+        pairs = (line.split(None, 1) for line in f.read().splitlines())
+        return {key.rstrip(":"): value for key, value in pairs}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("asked", [True, False], ids=["ksm", "no-ksm"])
+def test_ksm_merges_clones_memory_only_when_the_node_asks(tmp_path, bundle, asked):
+    """``RUNV_KSM=on`` (``ksm = true``): the factory's QEMUs have all their memory
+    mergeable, and ksmd merges pages of two running clones. Off by default: then only
+    the guest RAM QEMU itself offers is."""
+    if not os.path.exists("/sys/kernel/mm/ksm/run"):
+        pytest.skip("this kernel has no KSM")
+    node = NodeFactory(f"/run/runv-py-test-factory-{uuid.uuid4().hex[:8]}", "9p")
+    if asked:
+        node.env["RUNV_KSM"] = "on"
+    os.makedirs(node.dir, mode=0o700)
+    node.start()
+    r = Runv(str(tmp_path / "state"), uuid.uuid4().hex[:8])
+    with open("/sys/kernel/mm/ksm/run") as f:
+        was = f.read().strip()
+    try:
+        node.ready()
+        cids = [r.id(n) for n in ("a", "b")]
+        for cid in cids:
+            assert detached(r, node, "run", "-d", "-b", bundle(["sleep", "300"]), cid).returncode == 0
+        qemus = [served(node, cid)["qemu_pid"] for cid in cids]
+        assert all(ksm_stat(q)["ksm_merge_any"] == ("yes" if asked else "no") for q in qemus)
+        if not asked:
+            return
+        with open("/sys/kernel/mm/ksm/run", "w") as f:
+            f.write("1")
+        with open("/sys/kernel/mm/ksm/full_scans") as f:
+            scans = int(f.read())
+        wait_for(lambda: int(open("/sys/kernel/mm/ksm/full_scans").read()) >= scans + 2, 180,
+                 what="two full KSM scans")
+        merged = [int(ksm_stat(q)["ksm_merging_pages"]) for q in qemus]
+        assert all(n > 256 for n in merged), merged  # more than 1 MiB each
+    finally:
+        with open("/sys/kernel/mm/ksm/run", "w") as f:
+            f.write("2" if was == "0" else was)  # 2: stop, and unmerge what was merged
+        for cid in os.listdir(r.root) if os.path.isdir(r.root) else []:
+            subprocess.run(r.args("delete", "--force", cid), env=node.env, timeout=60,
+                           capture_output=True)
+        assert not dispose(node)

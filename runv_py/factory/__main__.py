@@ -20,10 +20,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s factory[%(process)d] %(levelname)s %(message)s")
     from ..drivers import probe
+    from ..host import ksm
     from ..hyperstart.errors import RunvError
     from ..vm.boot import BootConfig
     from . import settings
     from .daemon import run
+    if ksm.apply():
+        logging.getLogger("runv_py.factory").info("KSM: the VMs' memory is mergeable")
     try:
         driver = probe(args.driver)
         if not getattr(driver, "supports_templates", False):

@@ -41,6 +41,8 @@ def for_shim(driver, config: BootConfig, policy=None, template_dir: str = ""):
     """The factory a shim gets its VM from: its own policy's or template's if it was
     given one, else the node's factory, else a cold boot. Call it before the shim joins
     a container's cgroup (a factory it starts must not be there) and before any thread."""
+    from ..host import ksm
+    ksm.apply()  # the VMs it boots, and the factory it may start, inherit it
     if policy or template_dir:
         from ..vm.factory import OneShotFactory
         return OneShotFactory(driver, policy, template_dir)
