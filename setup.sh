@@ -43,6 +43,13 @@ cat > "$SCRIPT" <<EOF
 # Written by runv-py's setup.sh: python -S and runv_py/cli/launch.py (see its docstring).
 exec "$("$PYTHON" -c 'import sys; print(sys.executable)')" -S "$PWD/runv_py/cli/launch.py" "\$@"
 EOF
+# The same for containerd's shim v2, whose `start` containerd runs at every pod's start.
+cat > "$(dirname "$SCRIPT")/containerd-shim-runvpy-v2" <<EOF
+#!/bin/sh
+# Written by runv-py's setup.sh: python -S and runv_py/shimv2/launch.py (see its docstring).
+exec "$("$PYTHON" -c 'import sys; print(sys.executable)')" -S "$PWD/runv_py/shimv2/launch.py" "\$@"
+EOF
+chmod +x "$SCRIPT" "$(dirname "$SCRIPT")/containerd-shim-runvpy-v2"
 
 # A cgroup v1 (hybrid) host whose image mounted only some controllers: mount the rest as
 # systemd does, so a container's net_cls, net_prio and hugetlb values have somewhere to go

@@ -60,17 +60,27 @@ def exit_now(e: SystemExit) -> None:
     os._exit(code or 0)
 
 
-def run(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def install() -> list:
+    """runv_py importable, and under -S site-packages on sys.path without their .pth
+    files (for protobuf, click, ...); returns the directories added."""
     if Finder not in sys.meta_path:
         sys.meta_path.insert(0, Finder)
+    if not sys.flags.no_site:
+        return []
+    import site
+    extra = [d for d in site.getsitepackages() if d not in sys.path and os.path.isdir(d)]
+    sys.path.extend(extra)
+    return extra
+
+
+def run(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = install()
     if not sys.flags.no_site:  # started without -S: nothing to save
         from runv_py.cli import main
         main(argv)
         return
     import site
-    extra = [d for d in site.getsitepackages() if d not in sys.path and os.path.isdir(d)]
-    sys.path.extend(extra)
     from runv_py.cli.fast import dispatch
     try:
         dispatch(argv)  # exits if it ran a command

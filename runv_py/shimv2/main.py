@@ -17,11 +17,9 @@ import sys
 import threading
 from typing import Dict, List, Optional
 
-from .. import ttrpc
 from ..hyperstart.errors import RunvError
 from ..oci.bundle import check_id
 from . import zygote
-from .pb import shimv2_pb2 as pb
 
 log = logging.getLogger("runv_py.shimv2")
 
@@ -153,6 +151,7 @@ def delete(flags: Flags) -> int:
     from ..host import statedir
     from ..hyperstart import syscalls
     from ..sandbox import VM_DIED_STATUS
+    from .pb import shimv2_pb2 as pb
     from .service import TASK_FILE
     bundle = flags.get("bundle") or os.getcwd()
     cid = task_id(flags)
@@ -194,6 +193,7 @@ def release_network(bundle: str) -> None:
 def serve(flags: Flags) -> int:
     """The daemon: where its VM will come from, its own mount namespace (the rootfs and
     the sandbox's share mounts vanish with it), then the ttrpc server until Shutdown."""
+    from .. import ttrpc
     from ..drivers import probe
     from ..sandbox import private_mount_namespace
     from . import config as shim_config
