@@ -418,3 +418,29 @@ def test_ksm_merges_clones_memory_only_when_the_node_asks(tmp_path, bundle, aske
             subprocess.run(r.args("delete", "--force", cid), env=node.env, timeout=60,
                            capture_output=True)
         assert not dispose(node)
+
+
+@pytest.mark.timeout(240)
+def test_a_shape_nobody_asks_for_is_not_kept_warm(tmp_path, bundle):
+    """Bounded memory: a pool unused for RUNV_FACTORY_POOL_IDLE seconds is closed, its
+    ready VMs stopped and its template (and memory file) removed; asked for again, the
+    shape is served (cold at first) and warm again."""
+    node = NodeFactory(f"/run/runv-py-test-factory-{uuid.uuid4().hex[:8]}", "9p")
+    node.env["RUNV_FACTORY_POOL_IDLE"] = "6"
+    os.makedirs(node.dir, mode=0o700)
+    node.start()
+    r = Runv(str(tmp_path / "state"), uuid.uuid4().hex[:8])
+    try:
+        node.ready()
+        files = template_memory_files(node)
+        assert files and all(os.path.exists(f) for f in files)
+        wait_for(lambda: not node.ask("status")["pools"], 60, what="the idle pool to close")
+        wait_for(lambda: not node.qemus(), 30, what="its ready VMs to stop")
+        assert not any(os.path.exists(f) for f in files)
+        assert not os.listdir(os.path.join(node.dir, "vms"))
+        b = bundle(["echo", "served"])
+        res = run(r, node, "run", "-b", b, r.id("again"))
+        assert res.returncode == 0 and b"served" in res.stdout, res.stderr
+        node.ready()
+    finally:
+        assert not dispose(node)

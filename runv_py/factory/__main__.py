@@ -16,6 +16,8 @@ def main(argv=None) -> int:
     parser.add_argument("--share", default=paths.DEFAULT_SHARE, choices=("9p", "virtiofs"))
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--memory", type=int, default=256)
+    parser.add_argument("--max-cpus", type=int, default=0, help="room to grow (pod VMs)")
+    parser.add_argument("--max-memory", type=int, default=0, help="room to grow, MiB")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s factory[%(process)d] %(levelname)s %(message)s")
@@ -34,7 +36,8 @@ def main(argv=None) -> int:
         # One NIC: a container's VM has one for the network its namespace gets, at boot
         # (a pod's) or between create and start (net/late.py).
         warm = [(BootConfig(cpus=args.cpus, memory_mib=args.memory, kernel=args.kernel,
-                            initrd=args.initrd, share=args.share), 1)]
+                            initrd=args.initrd, share=args.share, max_cpus=args.max_cpus,
+                            max_memory_mib=args.max_memory), 1)]
         pool = args.pool if args.pool is not None else settings()["pool"]
         return run(driver, pool, warm)
     except RunvError as e:

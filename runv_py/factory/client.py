@@ -69,7 +69,8 @@ def start_daemon(config: BootConfig, pool: int) -> None:
     os.makedirs(FACTORY_DIR, mode=0o700, exist_ok=True)
     cmd = [sys.executable, "-m", "runv_py.factory", "--kernel", config.kernel,
            "--initrd", config.initrd, "--pool", str(pool), "--share", config.share,
-           "--cpus", str(config.cpus), "--memory", str(config.memory_mib)]
+           "--cpus", str(config.cpus), "--memory", str(config.memory_mib),
+           "--max-cpus", str(config.max_cpus), "--max-memory", str(config.max_memory_mib)]
     with open(path(LOG), "ab") as out:
         subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                          start_new_session=True, close_fds=True, cwd="/")

@@ -19,11 +19,12 @@ from ..hyperstart.errors import InvalidArgument, RunvError
 from ..host import proc as hostproc
 from ..vm.boot import BOOT_TIMEOUT, BootConfig
 from . import LOCK, SOCKET, TEMPLATES, VMS, path, wire
-from .vms import FactoryVM, key_of, make, recover
+from .vms import FactoryVM, key_name, key_of, make, recover
 
 log = logging.getLogger("runv_py.factory")
 
 MAX_POOLS = 8                # shapes kept warm at once; others are served cold
+POOL_IDLE = 600.0            # seconds a shape nobody asks for stays warm
 REQUEST_TIMEOUT = 5.0
 FACTORY_CGROUP = "/runv-py-factory"
 
@@ -44,6 +45,7 @@ class Pool:
         self.cond = threading.Condition()
         self.closed = False
         self.failures = 0
+        self.used = time.monotonic()   # last asked for: an unused pool is closed
         self.thread = threading.Thread(target=self._refill, name="pool", daemon=True)
         self.thread.start()
 
@@ -78,6 +80,7 @@ class Pool:
                      vm.process.pid)
 
     def take(self):
+        self.used = time.monotonic()
         try:
             files = boot_files(self.config)
         except OSError:
@@ -117,6 +120,7 @@ class Factory:
         self.driver = driver
         self.pool_size = pool_size
         self.warm = warm                   # [(BootConfig, nics)] kept ready from the start
+        self.idle_seconds = float(os.environ.get("RUNV_FACTORY_POOL_IDLE") or POOL_IDLE)
         self.pools = {}
         self.lock = threading.Lock()
         self.watched = {}                  # pidfd -> FactoryVM
@@ -181,7 +185,33 @@ class Factory:
             pool = self.pools.get(key)
             if pool is None and len(self.pools) < MAX_POOLS and not self.stopping.is_set():
                 pool = self.pools[key] = Pool(self, key, config, nics, self.pool_size)
+            if pool is not None:
+                pool.used = time.monotonic()
             return pool
+
+    def close_idle_pools(self) -> None:
+        """Pools nobody asked for in ``idle_seconds`` go, and their templates (the memory
+        a node's unused shapes hold is bounded): asked for again, a shape is made again."""
+        now = time.monotonic()
+        with self.lock:
+            idle = [(k, p) for k, p in self.pools.items() if now - p.used > self.idle_seconds]
+            for key, _ in idle:
+                del self.pools[key]
+        for key, pool in idle:
+            log.info("pool %s: not asked for in %.0f s: closed", pool.describe(),
+                     now - pool.used)
+            threading.Thread(target=self._close_pool, args=(key, pool), name="close",
+                             daemon=True).start()
+
+    def _close_pool(self, key: tuple, pool: Pool) -> None:
+        from ..vm import template
+        pool.close()
+        with self.lock:
+            if key in self.pools:  # asked for again meanwhile: its template serves on
+                return
+        tdir = path(TEMPLATES, key_name(key))
+        if template.exists(tdir):
+            template.remove(tdir)
 
     def handle(self, conn: socket.socket) -> None:
         conn.settimeout(REQUEST_TIMEOUT)
@@ -271,7 +301,11 @@ class Factory:
         for config, nics in self.warm:
             self.pool_for(config, nics)
         listener.settimeout(1.0)
+        checked = time.monotonic()
         while not self.stopping.is_set():
+            if time.monotonic() - checked >= 1.0:  # however busy the socket is
+                checked = time.monotonic()
+                self.close_idle_pools()
             try:
                 conn, _ = listener.accept()
             except socket.timeout:

@@ -203,8 +203,11 @@ def serve(flags: Flags) -> int:
     bundle = os.getcwd()
     setup_logging(bundle, flags)
     config = shim_config.load()
-    factory = for_shim(probe(config.driver), BootConfig(**config.boot_config()),
-                       config.factory_policy or None, config.template)
+    from .pods import with_room_to_grow
+    # The shape a node factory it starts keeps warm: its pods' (CRI sandboxes grow).
+    shape = BootConfig(**with_room_to_grow(config.boot_config()))
+    factory = for_shim(probe(config.driver), shape, config.factory_policy or None,
+                       config.template)
     private_mount_namespace()  # before any thread: unshare needs a single thread
     listener = socket.socket(fileno=int(flags.get("socket") or 3))
     service = TaskService(flags.get("namespace"), task_id(flags), bundle,

@@ -58,9 +58,14 @@ def sandbox_size(spec: dict, annotations: dict, cpus: int, memory_mib: int) -> d
     cpus, memory_mib = vm_size(pod or resources, cpus, memory_mib)
     if annotations.get(CONTAINER_TYPE) != "sandbox":
         return {"cpus": cpus, "memory_mib": memory_mib}
-    return {"cpus": cpus, "memory_mib": memory_mib,
-            "max_cpus": max(cpus, min(MAX_CPUS, os.cpu_count() or 1)),
-            "max_memory_mib": memory_mib + GROW_MEMORY_MIB}
+    return with_room_to_grow({"cpus": cpus, "memory_mib": memory_mib})
+
+
+def with_room_to_grow(shape: dict) -> dict:
+    """A pod VM's shape: ``shape`` (cpus, memory_mib) with the room its containers may
+    grow it into. The node factory is told it too, to keep pod VMs ready."""
+    return dict(shape, max_cpus=max(shape["cpus"], min(MAX_CPUS, os.cpu_count() or 1)),
+                max_memory_mib=shape["memory_mib"] + GROW_MEMORY_MIB)
 
 
 class Pod:
