@@ -184,14 +184,31 @@ def test_containers_get_pooled_vms_that_are_not_twins(frunv, factory, bundle):
     assert seen[0][1] != seen[1][1], "two pooled VMs gave the same random bytes"
 
 
-def test_a_vm_that_waited_in_the_pool_has_the_host_s_time(frunv, factory, bundle):
-    """A template's clone waits stopped, and a stopped VM's clock stands still: the
-    shim that takes it gives it the host's time."""
-    factory.ready()
-    time.sleep(8)  # longer than the check's slack below
-    r = run(frunv, factory, "run", "-b", bundle(["date", "+%s"]), frunv.id())
-    assert r.returncode == 0, r.stderr
-    assert abs(int(r.stdout.decode().split()[0]) - time.time()) < 4, r.stdout
+@pytest.mark.timeout(180)
+def test_ready_clones_can_wait_stopped_and_still_have_the_host_s_time(tmp_path, bundle):
+    """``factory_pause`` (RUNV_FACTORY_PAUSE=on): a template's clone waits stopped, and
+    a stopped VM's clock stands still; the shim that takes it resumes it and gives it
+    the host's time."""
+    node = NodeFactory(f"/run/runv-py-test-factory-{uuid.uuid4().hex[:8]}", "9p")
+    node.env["RUNV_FACTORY_PAUSE"] = "on"
+    os.makedirs(node.dir, mode=0o700)
+    node.start()
+    r = Runv(str(tmp_path / "state"), uuid.uuid4().hex[:8])
+    try:
+        node.ready()
+        time.sleep(8)  # longer than the check's slack below
+        cid = r.id()
+        res = detached(r, node, "run", "-d", "-b", bundle(["sleep", "60"]), cid)
+        assert res.returncode == 0, res.stderr
+        assert served(node, cid)["paused"] is True  # it waited stopped
+        out = run(r, node, "exec", cid, "date", "+%s")
+        assert out.returncode == 0, out.stderr
+        assert abs(int(out.stdout.decode().split()[0]) - time.time()) < 4, out.stdout
+    finally:
+        for cid in os.listdir(r.root) if os.path.isdir(r.root) else []:
+            subprocess.run(r.args("delete", "--force", cid), env=node.env, timeout=60,
+                           capture_output=True)
+        assert not dispose(node)
 
 
 def test_a_container_from_the_factory_and_its_cleanup(frunv, factory, bundle):

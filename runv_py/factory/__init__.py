@@ -34,7 +34,8 @@ def path(*parts: str) -> str:
 
 
 def settings() -> dict:
-    """{"enabled": bool, "pool": int} from the environment, then the node's config file."""
+    """{"enabled": bool, "pool": int, "pause": bool} from the environment, then the node's
+    config file. ``pause``: ready clones wait stopped (off by default)."""
     from ..hyperstart.errors import InvalidArgument
     from ..settings import node_file
     try:
@@ -50,7 +51,11 @@ def settings() -> dict:
         pool = max(0, min(int(pool), 64))
     except (TypeError, ValueError):
         pool = DEFAULT_POOL
-    return {"enabled": bool(enabled), "pool": pool}
+    pause = values.get("factory_pause", False)
+    env = os.environ.get("RUNV_FACTORY_PAUSE", "").strip().lower()
+    if env:
+        pause = env not in ("0", "off", "false", "no")
+    return {"enabled": bool(enabled), "pool": pool, "pause": bool(pause)}
 
 
 @contextlib.contextmanager
