@@ -45,7 +45,7 @@ class Commands:
             p.SETUPINTERFACE: self.setup_interface, p.SETUPROUTE: self.setup_route,
             p.ONLINECPUMEM: self.online_cpu_mem, p.FORWARDPORT: self.forward_port,
             p.RELEASESHARE: self.release_share, p.RESETNETWORK: self.reset_network,
-            p.RENAMECONTAINER: self.rename_container,
+            p.RENAMECONTAINER: self.rename_container, p.WARMUP: self.warm_up,
         }
 
     def container(self, cid: str) -> Container:
@@ -159,6 +159,10 @@ class Commands:
 
     def release_share(self, msg: m.ReleaseShare) -> None:
         self.platform.release_share()
+        return None
+
+    def warm_up(self, msg: m.WarmUp) -> None:
+        self.platform.warm_up()
         return None
 
     def reset_network(self, msg: m.ResetNetwork) -> None:

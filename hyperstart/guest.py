@@ -86,6 +86,10 @@ class GuestPlatform:
             fcntl.ioctl(f, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
             fcntl.ioctl(f, RNDRESEEDCRNG)
 
+    def warm_up(self) -> None:
+        from . import warmup
+        warmup.run()
+
     def set_time(self, time_ns: int) -> None:
         time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
 

@@ -67,6 +67,9 @@ class HostPlatform:
     def set_time(self, time_ns: int) -> None:
         pass  # the host's clock is the host's
 
+    def warm_up(self) -> None:
+        pass  # no translation cache to warm: the host runs its code natively
+
     def online_cpu_mem(self, cpus: int, memory_mib: int) -> None:
         pass  # the host's CPUs and memory: the sandbox's cgroups cap them
 

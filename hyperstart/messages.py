@@ -330,6 +330,12 @@ class RenameContainer:
     boot_id: str = ""
 
 
+@message(code=p.WARMUP)
+class WarmUp:
+    """Run what a pod's start runs in the guest's kernel, once, in a child thrown away
+    (hyperstart/warmup.py): a ready clone's translation cache is then warm."""
+
+
 @message(code=p.ONLINECPUMEM)
 class OnlineCpuMem:
     """Bring the guest up to ``cpus`` online CPUs and ``memory_mib`` of memory (the VM

@@ -49,6 +49,7 @@ FORWARDPORT = 68
 RELEASESHARE = 69
 RESETNETWORK = 70
 RENAMECONTAINER = 71
+WARMUP = 72
 
 CODE_NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int) and k != "VERSION"}
 

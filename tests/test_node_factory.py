@@ -182,6 +182,9 @@ def test_containers_get_pooled_vms_that_are_not_twins(frunv, factory, bundle):
         seen.append((boot_id, random))
     assert seen[0][0] != seen[1][0], "two pooled VMs share a boot id"
     assert seen[0][1] != seen[1][1], "two pooled VMs gave the same random bytes"
+    # A template's ready clones ran the warm-up (hyperstart/warmup.py) without a fault.
+    log = open(os.path.join(factory.dir, "test-factory.log")).read()
+    assert "warm-up" not in log, log
 
 
 @pytest.mark.timeout(180)

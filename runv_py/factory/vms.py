@@ -18,7 +18,7 @@ from ..drivers import DriverError, terminate
 from ..hyperstart import messages as m
 from ..hyperstart import protocol as p
 from ..hyperstart import syscalls
-from ..hyperstart.errors import from_code
+from ..hyperstart.errors import RunvError, from_code
 from ..host import proc as hostproc
 from ..vm import template
 from ..vm.boot import BOOT_TIMEOUT, BootConfig
@@ -198,6 +198,11 @@ def make(driver, name: str, key: tuple, config: BootConfig, nics: int) -> Factor
                                                f"factory-{name}", share, network=nic,
                                                detached=True, connect=RawAgent, run=not paused)
             origin = "template"
+            if not paused and os.environ.get("RUNV_FACTORY_WARMUP", "on") != "off":
+                try:  # only time is at stake: a clone that could not warm up serves cold
+                    agent.call(m.WarmUp(), timeout=BOOT_TIMEOUT)
+                except RunvError as e:
+                    log.warning("%s: %s", name, e)
         else:
             qemu = driver.launch(config, workdir, f"factory-{name}", share, network=nic,
                                  detached=True)
