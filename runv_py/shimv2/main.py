@@ -244,11 +244,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         print("containerd-shim-runvpy-v2 (runv-py)")
         sys.exit(0)
     actions = {"start": start, "delete": delete, "serve": serve,
-               "zygote": lambda _: zygote.serve()}
+               "zygote": lambda _: zygote.serve(),
+               "stop-zygote": lambda _: 0 if zygote.stop_server() else 1}
     action = actions.get(flags.action)
     if action is None:
         print(f"containerd-shim-runvpy-v2: unknown action {flags.action!r} "
-              "(start, delete)", file=sys.stderr)
+              "(start, delete, zygote, stop-zygote)", file=sys.stderr)
         sys.exit(2)
     try:
         sys.exit(action(flags))
