@@ -42,3 +42,16 @@ def node_file(environ=os.environ) -> tuple:
         raise InvalidArgument(f"{path}: unknown settings {', '.join(sorted(unknown))} "
                               f"(known: {', '.join(KNOWN)})")
     return path, values
+
+
+def switch(env_name: str, key: str, default: bool, environ=os.environ) -> bool:
+    """An on/off setting: the environment's ``env_name`` (0, off, false or no turn it
+    off) wins over the settings file's ``key``; ``default`` if neither says, or if the
+    file cannot be read (the entry point that reads all of it says why)."""
+    value = environ.get(env_name, "").strip().lower()
+    if value:
+        return value not in ("0", "off", "false", "no")
+    try:
+        return bool(node_file(environ)[1].get(key, default))
+    except InvalidArgument:
+        return default

@@ -2,6 +2,7 @@
 directory) serves the CLI's shims; containers get its pooled VMs (template clones for
 9p, cold-booted VMs for virtio-fs), the factory is restarted and killed while its VMs
 run, a shim is killed, and nothing is left behind."""
+import contextlib
 import json
 import os
 import signal
@@ -95,11 +96,27 @@ class NodeFactory:
         return [int(p) for p in out.split() if alive(int(p))]  # zombies are init's to reap
 
 
-def new_factory(share: str) -> NodeFactory:
+def new_factory(share: str, env: dict = None) -> NodeFactory:
     node = NodeFactory(f"/run/runv-py-test-factory-{uuid.uuid4().hex[:8]}", share)
+    node.env.update(env or {})
     os.makedirs(node.dir, mode=0o700)
     node.start()
     return node
+
+
+@contextlib.contextmanager
+def own_factory(tmp_path, **env):
+    """A 9p factory of the test's own with ``env`` (RUNV_* switches), and a CLI that uses
+    it; afterwards its containers are deleted and nothing of it may be left."""
+    node = new_factory("9p", env)
+    r = Runv(str(tmp_path / "state"), uuid.uuid4().hex[:8])
+    try:
+        yield node, r
+    finally:
+        for cid in os.listdir(r.root) if os.path.isdir(r.root) else []:
+            subprocess.run(r.args("delete", "--force", cid), env=node.env, timeout=60,
+                           capture_output=True)
+        assert not dispose(node)
 
 
 def template_memory_files(node: NodeFactory) -> list:
@@ -192,12 +209,7 @@ def test_ready_clones_can_wait_stopped_and_still_have_the_host_s_time(tmp_path, 
     """``factory_pause`` (RUNV_FACTORY_PAUSE=on): a template's clone waits stopped, and
     a stopped VM's clock stands still; the shim that takes it resumes it and gives it
     the host's time."""
-    node = NodeFactory(f"/run/runv-py-test-factory-{uuid.uuid4().hex[:8]}", "9p")
-    node.env["RUNV_FACTORY_PAUSE"] = "on"
-    os.makedirs(node.dir, mode=0o700)
-    node.start()
-    r = Runv(str(tmp_path / "state"), uuid.uuid4().hex[:8])
-    try:
+    with own_factory(tmp_path, RUNV_FACTORY_PAUSE="on") as (node, r):
         node.ready()
         time.sleep(8)  # longer than the check's slack below
         cid = r.id()
@@ -207,11 +219,6 @@ def test_ready_clones_can_wait_stopped_and_still_have_the_host_s_time(tmp_path, 
         out = run(r, node, "exec", cid, "date", "+%s")
         assert out.returncode == 0, out.stderr
         assert abs(int(out.stdout.decode().split()[0]) - time.time()) < 4, out.stdout
-    finally:
-        for cid in os.listdir(r.root) if os.path.isdir(r.root) else []:
-            subprocess.run(r.args("delete", "--force", cid), env=node.env, timeout=60,
-                           capture_output=True)
-        assert not dispose(node)
 
 
 def test_a_container_from_the_factory_and_its_cleanup(frunv, factory, bundle):
@@ -406,38 +413,30 @@ def test_ksm_merges_clones_memory_only_when_the_node_asks(tmp_path, bundle, aske
     the guest RAM QEMU itself offers is."""
     if not os.path.exists("/sys/kernel/mm/ksm/run"):
         pytest.skip("this kernel has no KSM")
-    node = NodeFactory(f"/run/runv-py-test-factory-{uuid.uuid4().hex[:8]}", "9p")
-    if asked:
-        node.env["RUNV_KSM"] = "on"
-    os.makedirs(node.dir, mode=0o700)
-    node.start()
-    r = Runv(str(tmp_path / "state"), uuid.uuid4().hex[:8])
     with open("/sys/kernel/mm/ksm/run") as f:
         was = f.read().strip()
-    try:
-        node.ready()
-        cids = [r.id(n) for n in ("a", "b")]
-        for cid in cids:
-            assert detached(r, node, "run", "-d", "-b", bundle(["sleep", "300"]), cid).returncode == 0
-        qemus = [served(node, cid)["qemu_pid"] for cid in cids]
-        assert all(ksm_stat(q)["ksm_merge_any"] == ("yes" if asked else "no") for q in qemus)
-        if not asked:
-            return
-        with open("/sys/kernel/mm/ksm/run", "w") as f:
-            f.write("1")
-        with open("/sys/kernel/mm/ksm/full_scans") as f:
-            scans = int(f.read())
-        wait_for(lambda: int(open("/sys/kernel/mm/ksm/full_scans").read()) >= scans + 2, 180,
-                 what="two full KSM scans")
-        merged = [int(ksm_stat(q)["ksm_merging_pages"]) for q in qemus]
-        assert all(n > 256 for n in merged), merged  # more than 1 MiB each
-    finally:
-        with open("/sys/kernel/mm/ksm/run", "w") as f:
-            f.write("2" if was == "0" else was)  # 2: stop, and unmerge what was merged
-        for cid in os.listdir(r.root) if os.path.isdir(r.root) else []:
-            subprocess.run(r.args("delete", "--force", cid), env=node.env, timeout=60,
-                           capture_output=True)
-        assert not dispose(node)
+    with own_factory(tmp_path, **({"RUNV_KSM": "on"} if asked else {})) as (node, r):
+        try:
+            node.ready()
+            cids = [r.id(n) for n in ("a", "b")]
+            for cid in cids:
+                res = detached(r, node, "run", "-d", "-b", bundle(["sleep", "300"]), cid)
+                assert res.returncode == 0, res.stderr
+            qemus = [served(node, cid)["qemu_pid"] for cid in cids]
+            assert all(ksm_stat(q)["ksm_merge_any"] == ("yes" if asked else "no") for q in qemus)
+            if not asked:
+                return
+            with open("/sys/kernel/mm/ksm/run", "w") as f:
+                f.write("1")
+            with open("/sys/kernel/mm/ksm/full_scans") as f:
+                scans = int(f.read())
+            wait_for(lambda: int(open("/sys/kernel/mm/ksm/full_scans").read()) >= scans + 2,
+                     180, what="two full KSM scans")
+            merged = [int(ksm_stat(q)["ksm_merging_pages"]) for q in qemus]
+            assert all(n > 256 for n in merged), merged  # more than 1 MiB each
+        finally:
+            with open("/sys/kernel/mm/ksm/run", "w") as f:
+                f.write("2" if was == "0" else was)  # 2: stop, and unmerge what was merged
 
 
 @pytest.mark.timeout(240)
@@ -445,12 +444,7 @@ def test_a_shape_nobody_asks_for_is_not_kept_warm(tmp_path, bundle):
     """Bounded memory: a pool unused for RUNV_FACTORY_POOL_IDLE seconds is closed, its
     ready VMs stopped and its template (and memory file) removed; asked for again, the
     shape is served (cold at first) and warm again."""
-    node = NodeFactory(f"/run/runv-py-test-factory-{uuid.uuid4().hex[:8]}", "9p")
-    node.env["RUNV_FACTORY_POOL_IDLE"] = "6"
-    os.makedirs(node.dir, mode=0o700)
-    node.start()
-    r = Runv(str(tmp_path / "state"), uuid.uuid4().hex[:8])
-    try:
+    with own_factory(tmp_path, RUNV_FACTORY_POOL_IDLE="6") as (node, r):
         node.ready()
         files = template_memory_files(node)
         assert files and all(os.path.exists(f) for f in files)
@@ -462,5 +456,3 @@ def test_a_shape_nobody_asks_for_is_not_kept_warm(tmp_path, bundle):
         res = run(r, node, "run", "-b", b, r.id("again"))
         assert res.returncode == 0 and b"served" in res.stdout, res.stderr
         node.ready()
-    finally:
-        assert not dispose(node)

@@ -23,15 +23,8 @@ RUN_FILE = "/sys/kernel/mm/ksm/run"
 
 
 def wanted() -> bool:
-    env = os.environ.get("RUNV_KSM", "").strip().lower()
-    if env:
-        return env not in ("0", "off", "false", "no")
-    from ..hyperstart.errors import InvalidArgument
-    from ..settings import node_file
-    try:
-        return bool(node_file()[1].get("ksm", False))
-    except InvalidArgument:
-        return False
+    from ..settings import switch
+    return switch("RUNV_KSM", "ksm", False)
 
 
 def apply() -> bool:

@@ -44,15 +44,8 @@ IMPORT_TIME_ENV = ("RUNV_CACHE", "RUNV_BOOT_TIMEOUT", "RUNV_FACTORY_DIR", "RUNV_
 
 def enabled() -> bool:
     """On unless ``RUNV_SHIM_ZYGOTE=off`` or ``shim_zygote = false`` in the settings."""
-    env = os.environ.get("RUNV_SHIM_ZYGOTE", "").strip().lower()
-    if env:
-        return env not in ("0", "off", "false", "no")
-    from ..hyperstart.errors import InvalidArgument
-    from ..settings import node_file
-    try:
-        return bool(node_file()[1].get("shim_zygote", True))
-    except InvalidArgument:
-        return True
+    from ..settings import switch
+    return switch("RUNV_SHIM_ZYGOTE", "shim_zygote", True)
 
 
 def spawn(argv: List[str], listener: int, bundle: str) -> int:
