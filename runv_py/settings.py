@@ -5,7 +5,9 @@ runtime started by podman or docker) are told. One table at the top level:
 - the shim v2's VMs: ``kernel``, ``initrd``, ``driver``, ``default_cpus``,
   ``default_memory`` (MiB), ``template``, ``factory_policy``, ``share`` (9p, virtiofs);
 - the node's VM factory: ``factory`` (on by default), ``factory_pool``,
-  ``factory_pause`` (ready clones wait stopped: less memory, slower starts; off);
+  ``factory_pause`` (ready clones wait stopped: less memory, slower starts; off),
+  ``factory_warmup`` (ready clones run a pod's kernel paths once: faster starts, more
+  memory; on);
 - checkpointable containers (their files in guest memory): ``checkpoint`` (off by
   default; the annotation io.github.runv-py.checkpoint decides per container);
 - kernel same-page merging of VMs' memory: ``ksm`` (off by default: see host/ksm.py);
@@ -21,8 +23,8 @@ from . import paths
 from .hyperstart.errors import InvalidArgument
 
 KNOWN = ("kernel", "initrd", "driver", "default_cpus", "default_memory", "template",
-         "factory_policy", "share", "factory", "factory_pool", "factory_pause", "jail",
-         "checkpoint", "shim_zygote", "ksm")
+         "factory_policy", "share", "factory", "factory_pool", "factory_pause",
+         "factory_warmup", "jail", "checkpoint", "shim_zygote", "ksm")
 
 
 def node_file(environ=os.environ) -> tuple:

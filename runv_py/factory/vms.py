@@ -21,6 +21,7 @@ from ..hyperstart import syscalls
 from ..hyperstart.errors import RunvError, from_code
 from ..host import proc as hostproc
 from ..vm import template
+from ..settings import switch
 from ..vm.boot import BOOT_TIMEOUT, BootConfig
 from . import RECORD, TEMPLATES, VMS, path, settings
 
@@ -198,7 +199,7 @@ def make(driver, name: str, key: tuple, config: BootConfig, nics: int) -> Factor
                                                f"factory-{name}", share, network=nic,
                                                detached=True, connect=RawAgent, run=not paused)
             origin = "template"
-            if not paused and os.environ.get("RUNV_FACTORY_WARMUP", "on") != "off":
+            if not paused and switch("RUNV_FACTORY_WARMUP", "factory_warmup", True):
                 try:  # only time is at stake: a clone that could not warm up serves cold
                     agent.call(m.WarmUp(), timeout=BOOT_TIMEOUT)
                 except RunvError as e:
