@@ -47,6 +47,15 @@ def vm_pids(tag: str) -> list:
     return qemu_pids(tag) + share_server_pids(tag)
 
 
+def gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie (its parent may not have reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def wait_vms_gone(*tags: str, timeout: float = 5) -> list:
     """Wait until no QEMU or virtiofsd of ``tags`` is left; returns the pids that are."""
     deadline = time.monotonic() + timeout

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import Runv, qemu_pids, wait_vms_gone
+from conftest import Runv, gone, qemu_pids, wait_vms_gone
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
@@ -42,15 +42,6 @@ def started_counter(runv, bundle, cid: str, **changes) -> str:
     runv.detached("run", "-d", "-b", path, cid)
     wait_count(lambda: count(runv, cid), 10)
     return path
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie has: its parent may not have reaped it yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def files_of(path: str) -> dict:

@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 
+from conftest import gone
 from cri import api_pb2 as pb
 from cri.harness import (CriContainerd, ExecSyncTimeout, RUNVPY_HANDLER, checked_containerd,
                          cri_log_text, missing_prerequisites, parse_cri_time, read_cri_log)
@@ -291,15 +292,7 @@ def test_harness_cleans_up_after_containerd_dies():
     assert containerd.cgroup_dirs() == [] and containerd.mounts(pod, cid) == []
     assert containerd.shim_sockets(pod, cid) == [] and containerd.cni_cache_files(pod, cid) == []
     for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), pid
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+        assert gone(pid), pid
 
 
 @pytest.mark.vm

@@ -14,7 +14,7 @@ import pytest
 
 import test_lifecycle
 import test_run
-from conftest import qemu_pids, shm_files, wait_vms_gone
+from conftest import gone, qemu_pids, shm_files, wait_vms_gone
 from test_lifecycle import subreaper  # noqa: F401  (a fixture of the lifecycle scenarios)
 from runv_py.oci import bundle as oci
 from runv_py.vm import template
@@ -306,7 +306,7 @@ def test_cache_hands_out_ready_vms_and_cleans_up(api, boxes):
         cache.close()
     # close() stopped the spare VMs; the handed-out ones still run.
     for pid in spare_pids:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        assert gone(pid)
     for box, _ in got.values():
         assert box.sh("echo ok") == "ok"
         box.destroy()

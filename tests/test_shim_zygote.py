@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import qemu_pids
+from conftest import gone, qemu_pids
 from runv_py.oci.busybox import make_bundle
 from runv_py.shimv2 import zygote
 from runv_py.shimv2.pb import shimv2_pb2 as pb
@@ -29,15 +29,6 @@ def wait_for(predicate, timeout: float = 30.0):
             return value
         time.sleep(0.1)
     return predicate()
-
-
-def ended(pid: int) -> bool:
-    """Gone, or a zombie (a server this test started is its child until reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def fresh_server() -> int:
@@ -110,14 +101,14 @@ def test_a_stale_or_killed_server_costs_a_slow_start_not_a_pod(tmp_path):
     pid, log, out = run_echo(tmp_path, "stale", "two")
     assert out == "two\n"
     assert "the shim fork server refused: runv-py's code changed" in log, log
-    assert wait_for(lambda: ended(server), 10)
+    assert wait_for(lambda: gone(server), 10)
     # The slow start started a new server, which serves the next pod.
     server = wait_for(lambda: zygote.pid_of_server(), 30)
     pid, log, out = run_echo(tmp_path, "again", "three")
     assert out == "three\n" and f"fork server (pid {server})" in log
     # Killed, it leaves a socket nobody answers: one slow start, then a new server.
     os.kill(server, signal.SIGKILL)
-    assert wait_for(lambda: ended(server), 10)
+    assert wait_for(lambda: gone(server), 10)
     pid, log, out = run_echo(tmp_path, "killed", "four")
     assert out == "four\n" and "started on its own, not forked: no shim fork server" in log
     assert wait_for(lambda: zygote.pid_of_server() not in (None, server), 30)
@@ -133,7 +124,7 @@ def test_the_switch_turns_it_off(tmp_path, monkeypatch):
     # The operator's way to stop it; a second time there is none to stop.
     stop = [sys.executable, "-m", "runv_py.shimv2", "stop-zygote"]
     assert subprocess.run(stop, capture_output=True, timeout=30).returncode == 0
-    assert wait_for(lambda: ended(server), 10)
+    assert wait_for(lambda: gone(server), 10)
     assert subprocess.run(stop, capture_output=True, timeout=30).returncode == 1
 
 
