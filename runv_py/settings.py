@@ -46,13 +46,19 @@ def node_file(environ=os.environ) -> tuple:
     return path, values
 
 
-def switch(env_name: str, key: str, default: bool, environ=os.environ) -> bool:
-    """An on/off setting: the environment's ``env_name`` (0, off, false or no turn it
-    off) wins over the settings file's ``key``; ``default`` if neither says, or if the
-    file cannot be read (the entry point that reads all of it says why)."""
+def from_env(env_name: str, otherwise: bool, environ=os.environ) -> bool:
+    """An on/off setting's value: the environment's ``env_name`` if set (0, off, false or
+    no turn it off), else ``otherwise`` (the settings file's, or the default)."""
     value = environ.get(env_name, "").strip().lower()
-    if value:
-        return value not in ("0", "off", "false", "no")
+    return value not in ("0", "off", "false", "no") if value else bool(otherwise)
+
+
+def switch(env_name: str, key: str, default: bool, environ=os.environ) -> bool:
+    """An on/off setting: the environment's ``env_name`` wins over the settings file's
+    ``key``; ``default`` if neither says, or if the file cannot be read (the entry point
+    that reads all of it says why)."""
+    if environ.get(env_name, "").strip():
+        return from_env(env_name, default, environ)
     try:
         return bool(node_file(environ)[1].get(key, default))
     except InvalidArgument:

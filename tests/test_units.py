@@ -361,23 +361,20 @@ def test_one_settings_file_serves_the_shim_v2_the_factory_and_the_jail(tmp_path,
     from runv_py import factory
     from runv_py.drivers import jail
     from runv_py.hyperstart.errors import InvalidArgument
-    from runv_py.shimv2 import config
-    path = tmp_path / "runv-py.toml"
     from runv_py.host import ksm
-    from runv_py.shimv2 import zygote
+    from runv_py.shimv2 import config, zygote
+    path = tmp_path / "runv-py.toml"
     path.write_text('factory = false\nfactory_pool = 3\njail = false\ndefault_memory = 300\n'
                     'factory_pause = true\nksm = true\nshim_zygote = false\n'
                     'factory_warmup = false\n')
     monkeypatch.setenv("RUNVPY_CONFIG", str(path))
     for var in ("RUNV_FACTORY", "RUNV_FACTORY_POOL", "RUNV_JAIL", "RUNV_FACTORY_PAUSE",
-                "RUNV_KSM", "RUNV_SHIM_ZYGOTE"):
+                "RUNV_FACTORY_WARMUP", "RUNV_KSM", "RUNV_SHIM_ZYGOTE"):
         monkeypatch.delenv(var, raising=False)
     assert config.load().default_memory == 300
-    assert factory.settings() == {"enabled": False, "pool": 3, "pause": True}
+    assert factory.settings() == {"enabled": False, "pool": 3, "pause": True, "warmup": False}
     assert jail.enabled() is False
     assert ksm.wanted() is True and zygote.enabled() is False
-    from runv_py.settings import switch
-    assert switch("RUNV_FACTORY_WARMUP", "factory_warmup", True) is False
     monkeypatch.setenv("RUNV_KSM", "off")  # the environment wins
     monkeypatch.setenv("RUNV_SHIM_ZYGOTE", "on")
     assert ksm.wanted() is False and zygote.enabled() is True

@@ -34,28 +34,23 @@ def path(*parts: str) -> str:
 
 
 def settings() -> dict:
-    """{"enabled": bool, "pool": int, "pause": bool} from the environment, then the node's
-    config file. ``pause``: ready clones wait stopped (off by default)."""
+    """{"enabled", "pool", "pause", "warmup"} from the environment, then the node's config
+    file. ``pause``: ready clones wait stopped (off by default); ``warmup``: ready clones
+    run a pod's kernel paths once (on by default)."""
     from ..hyperstart.errors import InvalidArgument
-    from ..settings import node_file
+    from ..settings import from_env, node_file
     try:
         values = node_file()[1]
     except InvalidArgument:
         values = {}  # the shim v2 says why; a CLI run boots cold rather than fail
-    enabled = values.get("factory", True)
-    env = os.environ.get("RUNV_FACTORY", "").strip().lower()
-    if env:
-        enabled = env not in ("0", "off", "false", "no")
     pool = os.environ.get("RUNV_FACTORY_POOL") or values.get("factory_pool") or DEFAULT_POOL
     try:
         pool = max(0, min(int(pool), 64))
     except (TypeError, ValueError):
         pool = DEFAULT_POOL
-    pause = values.get("factory_pause", False)
-    env = os.environ.get("RUNV_FACTORY_PAUSE", "").strip().lower()
-    if env:
-        pause = env not in ("0", "off", "false", "no")
-    return {"enabled": bool(enabled), "pool": pool, "pause": bool(pause)}
+    return {"enabled": from_env("RUNV_FACTORY", values.get("factory", True)), "pool": pool,
+            "pause": from_env("RUNV_FACTORY_PAUSE", values.get("factory_pause", False)),
+            "warmup": from_env("RUNV_FACTORY_WARMUP", values.get("factory_warmup", True))}
 
 
 @contextlib.contextmanager

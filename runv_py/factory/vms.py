@@ -21,7 +21,6 @@ from ..hyperstart import syscalls
 from ..hyperstart.errors import RunvError, from_code
 from ..host import proc as hostproc
 from ..vm import template
-from ..settings import switch
 from ..vm.boot import BOOT_TIMEOUT, BootConfig
 from . import RECORD, TEMPLATES, VMS, path, settings
 
@@ -194,12 +193,13 @@ def make(driver, name: str, key: tuple, config: BootConfig, nics: int) -> Factor
             # Running, its translation cache warming on the guest's idle paths, unless
             # the node asks for ready clones stopped (12 MiB less each, 50-100 ms more
             # per start: README): the shim then resumes and reseeds it.
-            paused = settings()["pause"]
+            wanted = settings()
+            paused = wanted["pause"]
             qemu, agent, used = template.clone(driver, meta, tdir, config, workdir,
                                                f"factory-{name}", share, network=nic,
                                                detached=True, connect=RawAgent, run=not paused)
             origin = "template"
-            if not paused and switch("RUNV_FACTORY_WARMUP", "factory_warmup", True):
+            if not paused and wanted["warmup"]:
                 try:  # only time is at stake: a clone that could not warm up serves cold
                     agent.call(m.WarmUp(), timeout=BOOT_TIMEOUT)
                 except RunvError as e:

@@ -200,10 +200,10 @@ def serve(flags: Flags) -> int:
     from .service import TaskService
     from ..factory.client import for_shim
     from ..vm.boot import BootConfig
+    from .pods import with_room_to_grow
     bundle = os.getcwd()
     setup_logging(bundle, flags)
     config = shim_config.load()
-    from .pods import with_room_to_grow
     # The shape a node factory it starts keeps warm: its pods' (CRI sandboxes grow).
     shape = BootConfig(**with_room_to_grow(config.boot_config()))
     factory = for_shim(probe(config.driver), shape, config.factory_policy or None,
