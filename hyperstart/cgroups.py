@@ -129,7 +129,7 @@ class GuestCgroups:
         os.makedirs(GUEST_DEVICES, exist_ok=True)
         try:
             sc.mount("devices", GUEST_DEVICES, "cgroup", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
-                     "devices")
+                     "devices,favordynmods")  # see guest.CGROUP_OPTIONS
             self.has_devices = True
         except OSError:
             pass

@@ -1,5 +1,6 @@
-"""The guest's network: what SETUPINTERFACE and SETUPROUTE ask for, done with busybox's
-`ip` (in the initrd), and the loopback brought up at boot with one ioctl."""
+"""The guest's network: what SETUPINTERFACE and SETUPROUTE ask for, done over rtnetlink
+(netlink.py), RESETNETWORK with busybox's `ip` (in the initrd), and the loopback brought
+up at boot with one ioctl."""
 import fcntl
 import os
 import struct
@@ -7,6 +8,7 @@ import struct
 import _socket as socket
 
 from .errors import Internal, NotFound
+from .netlink import Netlink
 from .spawn import read_all
 
 SIOCGIFFLAGS = 0x8913
@@ -80,17 +82,23 @@ def device_by_mac(mac: str) -> str:
 
 def setup_interface(msg) -> None:
     name = device_by_mac(msg.device)
-    if name != msg.new_device_name:
-        ip("link", "set", "dev", name, "down")
-        ip("link", "set", "dev", name, "name", msg.new_device_name)
-        name = msg.new_device_name
-    if msg.mac and msg.mac.lower() != msg.device.lower():
-        ip("link", "set", "dev", name, "down")
-        ip("link", "set", "dev", name, "address", msg.mac)
-    ip("link", "set", "dev", name, "mtu", str(msg.mtu))
-    for address in msg.ip_addresses:
-        ip("addr", "add", f"{address.ip_address}/{address.net_mask}", "dev", name)
-    ip("link", "set", "dev", name, "up")
+    index = socket.if_nametoindex(name)
+    new_name = msg.new_device_name if msg.new_device_name != name else ""
+    mac = msg.mac if msg.mac and msg.mac.lower() != msg.device.lower() else ""
+    with Netlink() as nl:
+        step = f"link {name}"
+        try:
+            if new_name or mac:  # neither changes on a link that is up
+                nl.set_link(index, up=False)
+            nl.set_link(index, name=new_name, mac=mac, mtu=msg.mtu)
+            name = new_name or name
+            for address in msg.ip_addresses:
+                step = f"address {address.ip_address}/{address.net_mask} on {name}"
+                nl.add_address(index, address.ip_address, int(address.net_mask))
+            step = f"link {name} up"
+            nl.set_link(index, up=True)
+        except (OSError, ValueError) as e:
+            raise Internal(f"{step}: {e}") from None
 
 
 def reset() -> None:
@@ -104,10 +112,10 @@ def reset() -> None:
 def setup_routes(msg) -> None:
     """Routes without a gateway first: a gateway must be reachable when its route is
     added, or the kernel says "Network unreachable"."""
-    for route in sorted(msg.routes, key=lambda r: bool(r.gateway)):
-        args = ["route", "add", route.dest or "default"]
-        if route.gateway:
-            args += ["via", route.gateway]
-        if route.device:
-            args += ["dev", route.device]
-        ip(*args)
+    with Netlink() as nl:
+        for route in sorted(msg.routes, key=lambda r: bool(r.gateway)):
+            try:
+                nl.add_route(route.dest or "default", route.gateway, route.device)
+            except (OSError, ValueError) as e:
+                via = f" via {route.gateway}" if route.gateway else ""
+                raise Internal(f"route {route.dest or 'default'}{via}: {e}") from None

@@ -1,5 +1,5 @@
 """WARMUP: what starting a pod makes the guest's kernel and C code do (new namespaces,
-mounts, a cgroup, the NIC tool, a process exec'd in them), run once in a child that is
+mounts, a cgroup, rtnetlink, a process exec'd in them), run once in a child that is
 thrown away. Under TCG, guest code is translated the first time it runs, and the cache
 of translations is QEMU's, per process: a template's clone starts with none. A ready
 clone that ran this translates less when its pod starts. Nothing of it stays: the
@@ -9,11 +9,13 @@ import os
 import time
 
 import _signal as signal
+import _socket as socket
 
 from . import network
 from . import syscalls as sc
 from .cgroups import GUEST_ROOT
 from .errors import Internal
+from .netlink import Netlink
 
 SCRATCH = "/run/warm-up"
 CGROUP = os.path.join(GUEST_ROOT, "warm-up")
@@ -70,10 +72,14 @@ def _child() -> int:
     sc.mount(network.BUSYBOX, os.path.join(SCRATCH, "bin", "busybox"), None, sc.MS_BIND)
     sc.sethostname("warm-up")
     network.loopback_up()
-    network.ip("addr", "add", "10.255.255.1/24", "dev", "lo")
-    network.ip("route", "add", "10.255.254.0/24", "dev", "lo")
+    with Netlink() as nl:  # SETUPINTERFACE's and SETUPROUTE's requests
+        index = socket.if_nametoindex("lo")
+        nl.set_link(index, mtu=65536)
+        nl.add_address(index, "10.255.255.1", 24)
+        nl.set_link(index, up=True)
+        nl.add_route("10.255.254.0/24", device="lo")
     # Last: the first child forked after it is the namespace's pid 1, and once that
-    # one exits (an `ip` above would have been it) no other can be forked there.
+    # one exits no other can be forked there.
     sc.unshare(sc.CLONE_NEWPID)
     inner = os.fork()  # pid 1 of the new pid namespace, in the cgroup, chrooted
     if inner == 0:

@@ -7,6 +7,7 @@ number; a sink that blocks (a full pipe) slows the guest down through virtio-ser
 flow control, and never blocks the control channel.
 """
 import collections
+import logging
 import socket
 import threading
 import time
@@ -14,6 +15,8 @@ import time
 from ..hyperstart import messages as m
 from ..hyperstart import protocol as p
 from ..hyperstart.errors import Internal, RunvError, Unavailable, from_code
+
+log = logging.getLogger("runv_py.agent")
 
 
 def _unread(sock: socket.socket) -> int:
@@ -77,6 +80,7 @@ class AgentClient:
         """Send one command; returns the agent's reply message (None for a bare ACK).
         An ERROR comes back as the RunvError its code names; AgentGone if the VM went."""
         waiter = _Waiter()
+        sent = time.monotonic()
         with self.send_lock:
             if self.closed.is_set():
                 raise AgentGone("the guest agent is gone")
@@ -89,6 +93,7 @@ class AgentClient:
         name = type(request).__name__
         if not waiter.done.wait(timeout):
             raise Unavailable(f"the guest agent did not answer {name} within {timeout:.0f}s")
+        log.debug("%s answered in %.0f ms", name, (time.monotonic() - sent) * 1000)
         if waiter.error is not None:
             raise waiter.error
         reply_class = type(request).REPLY
