@@ -62,11 +62,10 @@ class LateNetwork(PodNetwork):
                 "after create; a VM made before they came has one NIC for them")
         iface = self.interfaces[0]
         iface.tap, iface.guest_mac = (TAP_PREFIX + iface.name)[:15], self.mac
-        run(self.netns, "ip", "link", "set", "dev", self.tap, "name", iface.tap)
-        self.tap = iface.tap
+        renamed_from, self.tap = self.tap, iface.tap
         self.attached.append(iface)
         try:
-            self._redirect(iface)
+            self._redirect(iface, renamed_from=renamed_from)
         except BaseException:
             self.detach()
             raise

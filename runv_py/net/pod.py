@@ -21,7 +21,7 @@ from typing import List
 
 from ..hyperstart import messages as m
 from ..hyperstart.errors import FailedPrecondition
-from .netns import check_pod_namespace, inside, run
+from .netns import check_pod_namespace, inside, run, run_batch
 
 log = logging.getLogger("runv_py.net")
 
@@ -96,14 +96,18 @@ class PodNetwork:
                     "(a VM that is not one of this root's containers has it: a container "
                     "joins the VM of a container of its root whose namespaces it names)")
 
-    def _redirect(self, iface: Interface) -> None:
-        """The tap up with the veth's MTU, and everything redirected both ways."""
-        run(self.netns, "ip", "link", "set", "dev", iface.tap, "mtu", str(iface.mtu), "up")
+    def _redirect(self, iface: Interface, renamed_from: str = "") -> None:
+        """The tap up with the veth's MTU (named iface.tap first if it was
+        ``renamed_from``), and everything redirected both ways."""
+        rename = [["link", "set", "dev", renamed_from, "name", iface.tap]] if renamed_from else []
+        run_batch(self.netns, "ip", rename + [["link", "set", "dev", iface.tap, "mtu",
+                                               str(iface.mtu), "up"]])
+        tc = []
         for src, dst in ((iface.name, iface.tap), (iface.tap, iface.name)):
-            run(self.netns, "tc", "qdisc", "add", "dev", src, "ingress")
-            run(self.netns, "tc", "filter", "add", "dev", src, "parent", "ffff:",
-                "protocol", "all", "u32", "match", "u8", "0", "0", "action", "mirred",
-                "egress", "redirect", "dev", dst)
+            tc += [["qdisc", "add", "dev", src, "ingress"],
+                   ["filter", "add", "dev", src, "parent", "ffff:", "protocol", "all", "u32",
+                    "match", "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", dst]]
+        run_batch(self.netns, "tc", tc)
 
     def attach(self) -> List[Nic]:
         """Read the namespace, create the taps and the redirections; returns QEMU's NICs."""
@@ -135,9 +139,8 @@ class PodNetwork:
         run(holding, "ip", "link", "set", "dev", tap, "netns", self.netns)
         iface.tap, iface.guest_mac = (TAP_PREFIX + iface.name)[:15], guest_mac
         try:
-            run(self.netns, "ip", "link", "set", "dev", tap, "name", iface.tap)
             self.attached.append(iface)
-            self._redirect(iface)
+            self._redirect(iface, renamed_from=tap)
         except BaseException:
             self.detach()
             raise
