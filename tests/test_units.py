@@ -274,7 +274,7 @@ def test_cli_fast_path_knows_the_click_parameters():
 
 def test_cli_launcher_without_site(tmp_path):
     """runv_py/cli/launch.py under `python3 -S`: runv_py found from the launcher's place,
-    the fast path without site; anything else after site.main(), through click."""
+    the fast path without site; anything else through click, without site's .pth hooks."""
     import os
     import subprocess
     import sys
@@ -292,6 +292,13 @@ def test_cli_launcher_without_site(tmp_path):
     assert usage.returncode == 2 and usage.stderr.startswith("Usage: runv-py state")
     from runv_py import __version__
     assert run("--version").stdout == f"runv-py, version {__version__}\n"
+    out = subprocess.run([sys.executable, "-S", "-X", "importtime", launch, "--root", root,
+                          "delete", "c1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    imported = {row.split("|")[-1].strip() for row in out.stderr.splitlines()
+                if row.startswith("import time:")}
+    assert "click" in imported and "sitecustomize" not in imported
+    assert not any(name.startswith("__editable__") for name in imported)
 
 
 LAUNCHER_LIGHT_CASES = ["state c1", "state nope", "list", "list -q", "list -f json"]
