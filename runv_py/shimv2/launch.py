@@ -16,5 +16,5 @@ if __name__ == "__main__":
     import launch  # runv_py/cli/launch.py, by its path: runv_py is not importable yet
     sys.path.remove(cli)
     launch.install()
-    from runv_py.shimv2.main import main
+    from runv_py.shimv2.start import main
     main()

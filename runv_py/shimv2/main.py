@@ -8,140 +8,18 @@ the VM container through the same per-container runv-py shim the CLI uses (a chi
 the daemon, so its exit status is the task's), and publishes task events to containerd
 on TTRPC_ADDRESS. ``BIN ... -bundle B delete`` cleans up after a daemon that died.
 """
-import hashlib
 import logging
 import os
 import socket
-import subprocess
 import sys
 import threading
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from ..hyperstart.errors import RunvError
-from ..oci.bundle import check_id
 from . import zygote
+from .start import Flags, socket_path, task_id  # noqa: F401  (Flags, socket_path: public)
 
 log = logging.getLogger("runv_py.shimv2")
-
-SOCKET_DIR = "/run/containerd/s"
-
-
-class Flags:
-    """containerd's Go-style flags: ``-name value`` (``-debug`` alone) and an action."""
-
-    VALUED = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
-
-    def __init__(self, argv: List[str]):
-        self.values: Dict[str, str] = {}
-        self.debug = False
-        self.action = ""
-        i = 0
-        while i < len(argv):
-            arg = argv[i]
-            if arg.startswith("-"):
-                name, _, value = arg.lstrip("-").partition("=")
-                if name in self.VALUED and not value and i + 1 < len(argv):
-                    i += 1
-                    value = argv[i]
-                if name in ("debug", "v"):
-                    self.debug = self.debug or name == "debug"
-                    if name == "v":
-                        self.action = "version"
-                else:
-                    self.values[name] = value
-            else:
-                self.action = arg
-            i += 1
-
-    def get(self, name: str) -> str:
-        return self.values.get(name, "")
-
-    def argv(self) -> List[str]:
-        """The flags again, for the daemon's command line (without the action)."""
-        args = [f"-{name}={value}" for name, value in self.values.items() if name != "socket"]
-        return args + (["-debug"] if self.debug else [])
-
-
-def socket_path(address: str, namespace: str, cid: str) -> str:
-    """As containerd's own shims do: a hash of containerd's address, namespace and id."""
-    digest = hashlib.sha256(os.path.join(address, namespace, cid).encode()).hexdigest()
-    return os.path.join(SOCKET_DIR, digest[:32])
-
-
-def sandbox_group(bundle: str, cid: str) -> str:
-    """The sandbox a task belongs to (containerd's CRI annotations), as containerd's runc
-    shim groups them: a pod's containers share its daemon, and its VM."""
-    from .pods import annotations_of, sandbox_of
-    return sandbox_of(annotations_of(bundle)) or cid
-
-
-def task_id(flags: Flags) -> str:
-    """The -id flag, checked as the CLI checks container ids: it names directories."""
-    return check_id(flags.get("id"), "task id")
-
-
-def start(flags: Flags) -> int:
-    bundle = os.getcwd()
-    group = sandbox_group(bundle, task_id(flags))
-    if group != flags.get("id"):  # from the spec's annotations: checked like an id
-        check_id(group, "sandbox id")
-    path = socket_path(flags.get("address"), flags.get("namespace"), group)
-    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
-    address = f"unix://{path}"
-    if can_connect(path):  # a daemon already serves this task or its pod: its address
-        write_address(bundle, address)
-        sys.stdout.write(address)
-        return 0
-    if group != flags.get("id"):
-        raise RuntimeError(f"the shim of sandbox {group} is not running: a container of a "
-                           "pod runs in its sandbox's VM")
-    try:
-        os.unlink(path)  # a stale socket of a dead shim of the same task
-    except FileNotFoundError:
-        pass
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket is born 0600: only root may call the shim
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old_umask)
-    listener.listen(64)
-    fd = listener.fileno()
-    pid = zygote.spawn(flags.argv(), fd, bundle) if zygote.enabled() else 0
-    if not pid:
-        # Python fds are close-on-exec: the daemon gets the listener explicitly
-        # (pass_fds makes it inheritable) and none of containerd's pipes, so that
-        # `start`'s output ends when `start` does.
-        devnull = os.open(os.devnull, os.O_RDWR)
-        pid = subprocess.Popen(
-            [sys.executable, "-m", "runv_py.shimv2", *flags.argv(), "-socket", str(fd),
-             "serve"], stdin=devnull, stdout=devnull, stderr=devnull, cwd=bundle,
-            start_new_session=True, pass_fds=(fd,)).pid
-    listener.close()
-    write_address(bundle, address)
-    log.debug("daemon %d serves %s", pid, address)
-    sys.stdout.write(address)
-    sys.stdout.flush()
-    return 0
-
-
-def can_connect(path: str) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(2)
-            sock.connect(path)
-        return True
-    except OSError:
-        return False
-
-
-def write_address(bundle: str, address: str) -> None:
-    """containerd reconnects after a restart through ``<bundle>/address``."""
-    tmp = os.path.join(bundle, "address.tmp")
-    with open(tmp, "w") as f:
-        f.write(address)
-    os.replace(tmp, os.path.join(bundle, "address"))
-
 
 def delete(flags: Flags) -> int:
     """Clean up after a daemon that is gone (containerd runs this after crashes too): its
@@ -239,11 +117,13 @@ def setup_logging(bundle: str, flags: Flags) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    flags = Flags(sys.argv[1:] if argv is None else argv)
-    if flags.action == "version":
-        print("containerd-shim-runvpy-v2 (runv-py)")
-        sys.exit(0)
-    actions = {"start": start, "delete": delete, "serve": serve,
+    from .start import main as start_main
+    start_main(argv)
+
+
+def run(flags: Flags) -> None:
+    """Every action but ``start`` (start.py)."""
+    actions = {"delete": delete, "serve": serve,
                "zygote": lambda _: zygote.serve(),
                "stop-zygote": lambda _: 0 if zygote.stop_server() else 1}
     action = actions.get(flags.action)

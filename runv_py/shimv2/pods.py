@@ -7,33 +7,19 @@ import threading
 from typing import TYPE_CHECKING
 
 from ..hyperstart.errors import FailedPrecondition, InvalidArgument
-from ..oci.bundle import read_spec
 from ..oci.linux import shared_namespaces
 from ..oci.resources import VM_MEMORY_OVERHEAD_MIB, asked, vm_size
+from .start import CONTAINER_TYPE, sandbox_of
 
 if TYPE_CHECKING:
     from ..sandbox import Container
 
-CONTAINER_TYPE = "io.kubernetes.cri.container-type"
-SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
 SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
 SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
 # How much a pod's VM may grow past its size at boot.
 GROW_MEMORY_MIB = 1024
 MAX_CPUS = 16
-
-
-def annotations_of(bundle: str) -> dict:
-    annotations = read_spec(bundle).get("annotations")
-    return annotations if isinstance(annotations, dict) else {}
-
-
-def sandbox_of(annotations: dict) -> str:
-    """The sandbox id a pod's app container joins ('' for a sandbox, or no pod)."""
-    if annotations.get(CONTAINER_TYPE) == "container":
-        return annotations.get(SANDBOX_ID, "")
-    return ""
 
 
 def number(annotations: dict, name: str) -> int:
