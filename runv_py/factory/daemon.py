@@ -25,6 +25,7 @@ log = logging.getLogger("runv_py.factory")
 
 MAX_POOLS = 8                # shapes kept warm at once; others are served cold
 POOL_IDLE = 600.0            # seconds a shape nobody asks for stays warm
+REFILL_DELAY = 2.0           # seconds a refill waits after a hand-out while a VM is ready
 REQUEST_TIMEOUT = 5.0
 FACTORY_CGROUP = "/runv-py-factory"
 
@@ -46,14 +47,24 @@ class Pool:
         self.closed = False
         self.failures = 0
         self.used = time.monotonic()   # last asked for: an unused pool is closed
+        self.taken = 0.0               # last handed a VM out
         self.thread = threading.Thread(target=self._refill, name="pool", daemon=True)
         self.thread.start()
 
     def _refill(self) -> None:
         while True:
             with self.cond:
-                while not self.closed and len(self.ready) >= self.size:
-                    self.cond.wait()
+                while not self.closed:
+                    if len(self.ready) >= self.size:
+                        self.cond.wait()
+                        continue
+                    # A VM was just handed out and its pod is starting on the same cores:
+                    # while another is ready, the next one is made after that start.
+                    wait = self.taken + REFILL_DELAY - time.monotonic()
+                    if self.ready and wait > 0:
+                        self.cond.wait(wait)
+                        continue
+                    break
                 if self.closed:
                     return
             try:
@@ -90,6 +101,7 @@ class Pool:
                 vm = self.ready.popleft()
                 self.cond.notify_all()
                 if vm.process.poll() is None and vm.files == files:
+                    self.taken = time.monotonic()
                     return vm
                 if vm.files != files:  # made before the kernel or initrd was replaced
                     log.info("pool %s: %s runs a kernel or initrd replaced since: dropped",
