@@ -1,5 +1,6 @@
-"""The guest agent's rtnetlink requests (hyperstart/netlink.py and network.py), run on
-the host's kernel in a network namespace of their own, and read back with iproute2."""
+"""The rtnetlink requests of the guest agent (hyperstart/netlink.py, network.py) and of the
+shim reading a pod's namespace (runv_py/net), run on the host's kernel in network
+namespaces of their own, and read back with iproute2."""
 import json
 import subprocess
 import sys
@@ -71,3 +72,40 @@ def test_refusal_is_an_error_with_the_kernels_words():
     """)
     assert r.returncode == 0, r.stderr
     assert "REFUSED route default via 10.1.2.3: [Errno 101] Network is unreachable" in r.stdout
+
+
+def test_a_pods_namespace_read_over_netlink_as_iproute2_shows_it():
+    """PodNetwork.discover (the shim's reading of a pod's namespace) against `ip -j`."""
+    import uuid
+    from runv_py.hyperstart import messages as m
+    from runv_py.net.pod import PodNetwork
+    name = f"rvnl-{uuid.uuid4().hex[:8]}"
+
+    def ip(*args, check=True):
+        return subprocess.run(["ip", "-n", name, *args], check=check, capture_output=True,
+                              text=True, timeout=30)
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        for line in ("link add v0 type veth peer name v1", "link set v0 mtu 1400 up",
+                     "link set v1 up", "addr add 10.77.0.5/24 dev v0",
+                     "addr add 10.78.0.5/16 dev v0", "addr add fd00::5/64 dev v0",
+                     "route add default via 10.77.0.1 dev v0",
+                     "route add 10.99.0.0/24 dev v0", "route add 10.98.0.7 via 10.77.0.9 dev v0"):
+            r = ip(*line.split(), check=False)
+            if r.returncode != 0 and "Operation not supported" in r.stderr:
+                pytest.skip(f"no veth on this kernel: {r.stderr.strip()}")
+            assert r.returncode == 0, (line, r.stderr)
+        pod = PodNetwork(f"/run/netns/{name}")
+        pod.discover()
+        links = json.loads(ip("-j", "addr", "show").stdout)
+        expected = [(link["ifname"], link["address"], link["mtu"],
+                     [(a["local"], a["prefixlen"]) for a in link["addr_info"]
+                      if a["family"] == "inet"])
+                    for link in links if link["link_type"] == "ether"]
+        assert sorted((i.name, i.mac, i.mtu, i.addresses) for i in pod.interfaces) == sorted(expected)
+        routes = [m.Route(dest=r["dst"], gateway=r.get("gateway", ""), device=r["dev"])
+                  for r in json.loads(ip("-j", "-4", "route", "show").stdout)
+                  if r.get("protocol") != "kernel"]
+        assert sorted(pod.routes, key=repr) == sorted(routes, key=repr) and len(routes) == 3
+    finally:
+        subprocess.run(["ip", "netns", "del", name], timeout=30)

@@ -13,7 +13,7 @@ import logging
 import os
 
 from ..hyperstart.errors import FailedPrecondition
-from .netns import inside, run
+from .netns import inside, move_link, set_link
 from .pod import TAP_PREFIX, Nic, PodNetwork, open_tap
 
 log = logging.getLogger("runv_py.net")
@@ -43,8 +43,8 @@ class LateNetwork(PodNetwork):
     def adopt_tap(self, tap: str, guest_mac: str) -> None:
         """A pooled VM's NIC (the node factory's): its tap moves here and waits."""
         from ..factory.vms import holding_netns
-        run(holding_netns(), "ip", "link", "set", "dev", tap, "netns", self.netns)
-        run(self.netns, "ip", "link", "set", "dev", tap, "name", self.tap)
+        move_link(holding_netns(), tap, self.netns)
+        set_link(self.netns, tap, new_name=self.tap)
         self.mac = guest_mac
 
     def guest_setup(self) -> list:

@@ -21,7 +21,8 @@ from typing import List
 
 from ..hyperstart import messages as m
 from ..hyperstart.errors import FailedPrecondition
-from .netns import check_pod_namespace, inside, run, run_batch
+from .netns import (check_pod_namespace, inside, move_link, read_links, run, run_batch,
+                    set_link)
 
 log = logging.getLogger("runv_py.net")
 
@@ -63,24 +64,19 @@ class PodNetwork:
 
     def discover(self) -> None:
         """Read the namespace's ethernet interfaces and their routes."""
-        netns = self.netns
-        interfaces = []
-        for link in run(netns, "ip", "addr", "show", json_out=True):
-            name = link.get("ifname", "")
-            if link.get("link_type") != "ether" or name.startswith(TAP_PREFIX):
+        links, addresses, routes = read_links(self.netns)
+        interfaces, names = [], {}
+        for link in links:
+            name = link["name"]
+            if not link["ethernet"] or name.startswith(TAP_PREFIX):
                 continue
-            addrs = [(a["local"], int(a["prefixlen"])) for a in link.get("addr_info", [])
-                     if a.get("family") == "inet"]
-            interfaces.append(Interface(name, link.get("address", ""), int(link.get("mtu", 1500)),
-                                        addrs))
-        names = {i.name for i in interfaces}
-        routes = []
-        for r in run(netns, "ip", "-4", "route", "show", json_out=True):
-            if r.get("protocol") == "kernel" or r.get("dev") not in names:
-                continue  # the guest makes the subnet routes itself, from the addresses
-            routes.append(m.Route(dest=r.get("dst", "default"), gateway=r.get("gateway", ""),
-                                  device=r["dev"]))
-        self.interfaces, self.routes = interfaces, routes
+            addrs = [(a, p) for index, a, p in addresses if index == link["index"]]
+            interfaces.append(Interface(name, link["mac"], link["mtu"], addrs))
+            names[link["index"]] = name
+        # The guest makes the subnet routes itself, from the addresses (not the kernel's).
+        self.routes = [m.Route(dest=r["dest"], gateway=r["gateway"], device=names[r["oif"]])
+                       for r in routes if r["oif"] in names]
+        self.interfaces = interfaces
 
     def nics_wanted(self) -> int:
         """How many NICs a VM for this network has: one per interface."""
@@ -99,9 +95,8 @@ class PodNetwork:
     def _redirect(self, iface: Interface, renamed_from: str = "") -> None:
         """The tap up with the veth's MTU (named iface.tap first if it was
         ``renamed_from``), and everything redirected both ways."""
-        rename = [["link", "set", "dev", renamed_from, "name", iface.tap]] if renamed_from else []
-        run_batch(self.netns, "ip", rename + [["link", "set", "dev", iface.tap, "mtu",
-                                               str(iface.mtu), "up"]])
+        set_link(self.netns, renamed_from or iface.tap, new_name=iface.tap if renamed_from else "",
+                 mtu=iface.mtu, up=True)
         tc = []
         for src, dst in ((iface.name, iface.tap), (iface.tap, iface.name)):
             tc += [["qdisc", "add", "dev", src, "ingress"],
@@ -135,8 +130,7 @@ class PodNetwork:
             raise FailedPrecondition("a pooled VM serves a namespace with one interface")
         self._check_free()
         iface = self.interfaces[0]
-        holding = holding_netns()
-        run(holding, "ip", "link", "set", "dev", tap, "netns", self.netns)
+        move_link(holding_netns(), tap, self.netns)
         iface.tap, iface.guest_mac = (TAP_PREFIX + iface.name)[:15], guest_mac
         try:
             self.attached.append(iface)
