@@ -66,26 +66,11 @@ class Netlink:
     def __exit__(self, *exc) -> None:
         self.sock.close()
 
-    def request(self, kind: int, flags: int, body: bytes) -> None:
+    def _exchange(self, kind: int, flags: int, body: bytes) -> list:
+        """Send one request; the messages answering it (type, message bytes) until its
+        acknowledgement or the end of a dump. A refusal raises OSError."""
         self.seq += 1
-        self.sock.send(HEADER.pack(HEADER.size + len(body), kind,
-                                   NLM_F_REQUEST | NLM_F_ACK | flags, self.seq, 0) + body)
-        while True:
-            data = self.sock.recv(65536)
-            offset = 0
-            while offset + HEADER.size <= len(data):
-                length, mtype, _, seq, _ = HEADER.unpack_from(data, offset)
-                if mtype == NLMSG_ERROR and seq == self.seq:
-                    code = struct.unpack_from("=i", data, offset + HEADER.size)[0]
-                    if code:
-                        raise OSError(-code, os.strerror(-code))
-                    return
-                offset += max((length + 3) & ~3, HEADER.size)
-
-    def dump(self, kind: int, body: bytes) -> list:
-        """The messages a dump request answers with: (type, message bytes) each."""
-        self.seq += 1
-        self.sock.send(HEADER.pack(HEADER.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP,
+        self.sock.send(HEADER.pack(HEADER.size + len(body), kind, NLM_F_REQUEST | flags,
                                    self.seq, 0) + body)
         messages = []
         while True:
@@ -94,13 +79,22 @@ class Netlink:
             while offset + HEADER.size <= len(data):
                 length, mtype, _, seq, _ = HEADER.unpack_from(data, offset)
                 if seq == self.seq:
-                    if mtype == NLMSG_DONE:
-                        return messages
                     if mtype == NLMSG_ERROR:
                         code = struct.unpack_from("=i", data, offset + HEADER.size)[0]
-                        raise OSError(-code, os.strerror(-code))
+                        if code:
+                            raise OSError(-code, os.strerror(-code))
+                        return messages
+                    if mtype == NLMSG_DONE:
+                        return messages
                     messages.append((mtype, data[offset:offset + length]))
                 offset += max((length + 3) & ~3, HEADER.size)
+
+    def request(self, kind: int, flags: int, body: bytes) -> None:
+        self._exchange(kind, NLM_F_ACK | flags, body)
+
+    def dump(self, kind: int, body: bytes) -> list:
+        """The messages a dump request answers with: (type, message bytes) each."""
+        return self._exchange(kind, NLM_F_DUMP, body)
 
     def links(self) -> list:
         """Every link: {"index", "name", "ethernet", "mac", "mtu"}."""

@@ -105,4 +105,3 @@ def set_link(netns: str, name: str, new_name: str = "", mtu: int = 0, up: bool =
 def _index(name: str) -> int:
     import socket
     return socket.if_nametoindex(name)
-

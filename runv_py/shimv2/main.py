@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from ..hyperstart.errors import RunvError
 from . import zygote
-from .start import Flags, socket_path, task_id  # noqa: F401  (Flags, socket_path: public)
+from .start import Flags, socket_path, task_id
 
 log = logging.getLogger("runv_py.shimv2")
 
